@@ -1,0 +1,118 @@
+"""safe-train's own flags, YAML config files, and how they join OpenCLIP's flags.
+
+Our flags are parsed first (``parse_known_args``) and everything else goes to OpenCLIP's parser
+unchanged, so every upstream flag keeps working and an unknown flag is still an error.
+``--config FILE.yaml`` expands into flags placed *before* the command line, so the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from safe_train.callbacks import add_callback_arguments
+from safe_train.defenses import DEFENSES, add_defense_arguments
+
+
+class ConfigError(ValueError):
+    """A malformed config file or flag value: one clear message, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m safe_train.main", add_help=False, allow_abbrev=False,
+        description="OpenCLIP 3.3 training with backdoor defenses. All open_clip_train flags are accepted "
+                    "(listed after safe-train's own).")
+    group = parser.add_argument_group("safe-train")
+    group.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                       help="Load flags from a YAML mapping (keys are flag names, dashes or underscores). "
+                            "Repeatable; later files and the command line override earlier ones.")
+    group.add_argument("--defense", default="none", choices=sorted(DEFENSES),
+                       help="Defense that owns the training loss (default: none = plain OpenCLIP).")
+    group.add_argument("--log-root", default=None, metavar="DIR",
+                       help="Where runs are written (OpenCLIP's --logs, which torchrun mistakes for its own "
+                            "--logs-specs).")
+    group.add_argument("--blocklist", default=None, metavar="FILE",
+                       help="Sample ids never to train on (.npy, or text/CSV with one id per line or a "
+                            "'sample_id' column), e.g. written by `python -m safe_train.detect`.")
+    group.add_argument("--track-samples", action="store_true",
+                       help="Count how often each sample id reaches the loss (columns times_seen, last_epoch).")
+    add_callback_arguments(parser)
+    add_defense_arguments(parser)
+    return parser
+
+
+def _flag_tokens(key: str, value: Any) -> list[str]:
+    flag = "--" + str(key).replace("_", "-")
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [flag]
+    if isinstance(value, dict):
+        return [flag, *[f"{k}={v}" for k, v in value.items()]]
+    if isinstance(value, list | tuple):
+        return [flag, *[str(v) for v in value]]
+    return [flag, str(value)]
+
+
+def config_to_argv(path: str | os.PathLike) -> list[str]:
+    """Flags from a YAML file, in file order."""
+    path = Path(path)
+    try:
+        content = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if content is None:
+        return []
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must be a mapping of flag names to values, got {type(content).__name__}")
+    tokens: list[str] = []
+    for key, value in content.items():
+        if key == "config":
+            raise ConfigError(f"config file {path}: nested 'config' keys are not supported")
+        tokens += _flag_tokens(key, value)
+    return tokens
+
+
+def expand_configs(argv: list[str]) -> list[str]:
+    """Replace ``--config FILE`` occurrences by the file's flags, placed before the rest of argv."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", action="append", default=[])
+    known, rest = pre.parse_known_args(argv)
+    tokens: list[str] = []
+    for path in known.config:
+        tokens += config_to_argv(path)
+    return tokens + rest
+
+
+def load_id_list(path: str | os.PathLike) -> np.ndarray:
+    """Sample ids from a .npy file, a text file (one per line, '#' comments) or a CSV with 'sample_id'."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"blocklist not found: {path}")
+    if path.suffix == ".npy":
+        ids = np.load(path, allow_pickle=False)
+    else:
+        lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+        lines = [ln for ln in lines if ln]
+        if lines and not lines[0].lstrip("-").isdigit():
+            import pandas as pd
+
+            sep = "\t" if "\t" in lines[0] else ","
+            df = pd.read_csv(path, sep=sep)
+            if "sample_id" not in df.columns:
+                raise ConfigError(f"{path}: a CSV blocklist needs a 'sample_id' column; columns are {list(df.columns)}")
+            ids = df["sample_id"].to_numpy()
+        else:
+            try:
+                ids = np.array([int(ln) for ln in lines], dtype=np.int64)
+            except ValueError as e:
+                raise ConfigError(f"{path}: not a list of integer sample ids ({e})") from None
+    return np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -1,0 +1,63 @@
+"""In-process run helpers shared by the tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+@contextlib.contextmanager
+def recording_losses() -> Iterator[list[float]]:
+    """Record every loss value OpenCLIP's loss object returns (patches open_clip_train.main.create_loss)."""
+    import open_clip_train.main as oc_main
+
+    original = oc_main.create_loss
+    values: list[float] = []
+
+    def create_loss(args):
+        loss = original(args)
+
+        def recorded(*a, **kw):
+            out = loss(*a, **kw)
+            values.append(float(sum(v.detach() for v in out.values())))
+            return out
+
+        return recorded
+
+    oc_main.create_loss = create_loss
+    try:
+        yield values
+    finally:
+        oc_main.create_loss = original
+
+
+def run_upstream(argv: list[str]) -> int | None:
+    """OpenCLIP's own trainer, in this process (with safe-train's tiny model config registered)."""
+    from open_clip_train.main import main as upstream_main
+
+    from safe_train.model_configs import register_model_configs
+
+    register_model_configs()
+    return upstream_main(argv)
+
+
+def run_safe_train(argv: list[str]) -> int:
+    from safe_train.main import main
+
+    return main(argv)
+
+
+def load_state_dict(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def load_table(run_dir: Path, epoch: int | str):
+    from safe_train.state import SampleTable
+
+    table = SampleTable()
+    table.load(run_dir / "checkpoints" / f"epoch_{epoch}.safe_train" / "table")
+    return table
