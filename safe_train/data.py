@@ -218,19 +218,35 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
 # webdataset
 # ---------------------------------------------------------------------------------------------
 class _CountingHandler:
-    """webdataset error handler: log, count, continue."""
+    """webdataset error handler: log, count, continue — but stop a stream that yields nothing usable.
+
+    (``with_epoch`` restarts an exhausted pipeline, so a shard set where every sample fails would
+    otherwise spin forever.)
+    """
+
+    max_consecutive = 1000
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter
+        self.consecutive = 0
 
     def __call__(self, exn: Exception) -> bool:
         log.warning(f"skipping unreadable webdataset sample: {exn!r}")
         self.counter.add()
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise DataError(f"{self.consecutive} consecutive webdataset samples failed to load; last error: {exn!r}")
         return True
+
+    def success(self) -> None:
+        self.consecutive = 0
+
+
+_ID_KEY = "__sample_id__"  # dunder keys pass through webdataset's decoder untouched
 
 
 def _attach_id(sample: dict) -> dict:
-    sample["sample_id"] = webdataset_sample_id(sample["__url__"], sample["__key__"])
+    sample[_ID_KEY] = webdataset_sample_id(sample["__url__"], sample["__key__"])
     return sample
 
 
@@ -239,16 +255,18 @@ class _Selected:
         self.selection = selection
 
     def __call__(self, sample: dict) -> bool:
-        return bool(self.selection.allows(np.array([sample["sample_id"]]))[0])
+        return bool(self.selection.allows(np.array([sample[_ID_KEY]]))[0])
 
 
 class _ApplyTransform:
-    def __init__(self, transform: SampleTransform) -> None:
+    def __init__(self, transform: SampleTransform, handler: _CountingHandler) -> None:
         self.transform = transform
+        self.handler = handler
 
     def __call__(self, sample: dict) -> dict:
-        out = self.transform(sample["image"], sample["text"], sample["sample_id"])
-        out["sample_id"] = sample["sample_id"]
+        out = self.transform(sample["image"], sample["text"], sample[_ID_KEY])
+        out["sample_id"] = sample[_ID_KEY]
+        self.handler.success()
         return out
 
 
@@ -312,7 +330,7 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     pipeline.extend([
         wds.decode("pilrgb", handler=handler),
         wds.rename(image="jpg;png;jpeg;webp", text="txt"),
-        wds.map(_ApplyTransform(transform), handler=handler),
+        wds.map(_ApplyTransform(transform, handler), handler=handler),
         wds.batched(args.batch_size, partial=False, collation_fn=default_collate),
     ])
     dataset = wds.DataPipeline(*pipeline)

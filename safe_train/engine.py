@@ -8,6 +8,7 @@ epoch boundaries and saved next to each checkpoint, and resumable RNG streams.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -290,7 +291,7 @@ class Engine:
                 ctx.table.record("last_epoch", ids, np.full(len(ids), ctx.epoch, np.int32))
                 self._seen_this_epoch.append(ids)
             if len(self.hooks) > 1 or type(defense).on_step_end is not Callback.on_step_end:
-                out = StepOutput(pass_, step_ids, step_features, {k: float(v) for k, v in losses.items()}, i_accum)
+                out = StepOutput(pass_, step_ids, step_features, {k: float(v.detach()) for k, v in losses.items()}, i_accum)
                 for hook in self.hooks:
                     hook.on_step_end(ctx, out)
 
@@ -366,6 +367,8 @@ class Engine:
                 np.add.at(ctx.table["times_seen"], ctx.table.rows(all_ids), all_counts.astype(np.int32))
         else:
             ctx.table.sync(dist.gather_arrays)
+        if ctx.distributed:
+            _verify_rank_consistency(ctx)
         skipped = dist.all_reduce_int(self.main_data.skip_counter.value if self.main_data else 0)
         if skipped:
             ctx.log_metric("skipped_samples_total", skipped)
@@ -441,6 +444,25 @@ class Engine:
         for hook in self.hooks:
             hook.on_evaluate(self.ctx, metrics or {})
 
+
+
+def _verify_rank_consistency(ctx: TrainContext) -> None:
+    """Fail loudly if ranks disagree on per-sample state (every decision must be the same everywhere).
+
+    Hashes the table (every row up to 10^7 rows, a strided sample beyond) and compares across ranks.
+    """
+    table = ctx.table
+    stride = max(1, len(table) // 10_000_000)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(table.ids[::stride]).tobytes())
+    for name in sorted(table.columns):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(table[name][::stride]).tobytes())
+    digests = dist.all_gather_objects(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"per-sample state differs across ranks after epoch {ctx.epoch}: {digests}")
+    if ctx.is_master:
+        logging.info(f"per-sample state identical on {len(digests)} ranks ({len(table)} samples)")
 
 
 def _intersect(a: Selection | None, b: Selection | None) -> Selection | None:

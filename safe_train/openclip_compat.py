@@ -138,19 +138,22 @@ def run_openclip_main(argv: list[str]) -> int:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG the training loop draws from (python, numpy, torch CPU and CUDA)."""
+    """Every RNG the training loop draws from (python, numpy, torch CPU and CUDA), as plain Python data.
+
+    Plain types (bytes, ints, lists) so the state can be all-gathered and loaded with weights_only=True.
+    """
     import random
 
     import numpy as np
 
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [kind, key.astype(np.int64).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -159,10 +162,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
     import numpy as np
 
-    python_state = state["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in state["cuda"]])

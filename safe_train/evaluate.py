@@ -1,0 +1,847 @@
+"""Zero-shot evaluation of a CLIP checkpoint: clean accuracy, attack success rate, poison detection.
+
+One command turns a checkpoint (+ the attack's manifest) into one JSON file, so every number in a
+report can be traced to a model, a test set, a prompt set and a trigger::
+
+    python -m safe_train.evaluate --model st-tiny-vit --checkpoint ckpt.pt --test-data test.csv \
+        --zeroshot-set mnist --manifest manifest.json --out result.json
+
+ASR follows the definition in the spec: the trigger is applied to every test image whose TRUE class
+is not the target, and ASR is the fraction of those classified as the target. Target-class images
+are never counted (they would be "successes" without any backdoor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+Trigger = Callable[[Image.Image], Image.Image]
+PathLike = str | os.PathLike
+
+__all__ = [
+    "EvaluationError",
+    "LabelledImages",
+    "attack_success_rate",
+    "build_classifier",
+    "detection_metrics",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "load_model",
+    "load_scores",
+    "load_state_dict",
+    "main",
+    "predict",
+    "resolve_target",
+    "targeted_success",
+    "topk_accuracy",
+]
+
+
+class EvaluationError(ValueError):
+    """Bad input (file, column, class name...): the CLI prints the message and exits with status 2."""
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+def load_state_dict(checkpoint: PathLike) -> dict[str, torch.Tensor]:
+    """Read a model state dict from an OpenCLIP training checkpoint or a bare state dict.
+
+    Always ``torch.load(weights_only=True)``: checkpoints are shared files and a full unpickle would
+    run arbitrary code. DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes are removed.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure here means "not a safe, readable checkpoint"
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvaluationError(
+            f"could not load checkpoint {path} with torch.load(weights_only=True): the file is corrupt, "
+            f"not a torch checkpoint, or holds pickled objects other than tensors (refused for safety). "
+            f"Detail: {detail}"
+        ) from e
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EvaluationError(f"checkpoint {path} holds no state dict (expected a dict of tensors)")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def load_model(
+    model_name: str,
+    checkpoint: PathLike | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Create ``model_name`` (safe-train configs included) and load ``checkpoint`` into it (strict).
+
+    Returns ``(model in eval mode, preprocess_val, tokenizer)``. Pass the same ``image_mean`` /
+    ``image_std`` as training if training overrode them, or the preprocessing will not match.
+    """
+    import open_clip
+
+    from safe_train.model_configs import register_model_configs
+
+    register_model_configs()
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            precision=precision,
+            device=device,
+            image_mean=tuple(image_mean) if image_mean else None,
+            image_std=tuple(image_std) if image_std else None,
+        )
+    except RuntimeError as e:
+        if "not found" in str(e):
+            raise EvaluationError(f"unknown model config {model_name!r}") from e
+        raise
+    if checkpoint is not None:
+        state = load_state_dict(checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise EvaluationError(f"checkpoint {checkpoint} does not match model {model_name!r}: {e}") from e
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def model_image_size(model: torch.nn.Module) -> int:
+    """The square input size of the vision tower (triggers are defined in these pixels)."""
+    size = model.visual.image_size
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise EvaluationError(f"non-square model input {tuple(size)} is not supported")
+        size = size[0]
+    return int(size)
+
+
+def _precision_context(precision: str, device: str | torch.device):
+    """Autocast for the ``amp*`` precisions (weights stay fp32 there), nothing otherwise."""
+    if precision.startswith("amp"):
+        dtype = torch.bfloat16 if "bf" in precision else torch.float16
+        return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return nullcontext()
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode for the duration (dropout off), then back: callers may be mid-training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _input_dtype(precision: str) -> torch.dtype:
+    if precision in ("fp16", "pure_fp16"):
+        return torch.float16
+    if precision in ("bf16", "pure_bf16"):
+        return torch.bfloat16
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def _read_table(path: Path, separator: str | None):
+    import pandas as pd
+
+    if separator is None:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+        separator = "\t" if "\t" in first else ","
+    separator = {"tab": "\t", "comma": ","}.get(separator, separator)
+    try:
+        return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many parser error types
+        raise EvaluationError(f"could not parse {path} as a table: {e}") from e
+
+
+class LabelledImages(Dataset):
+    """Labelled test images from a class-subfolder tree or a CSV; items are ``(RGB PIL image, index)``.
+
+    Folder: classes are the subfolders in torchvision ``ImageFolder`` (sorted) order; when every
+    folder name is one of ``classnames`` the label is that name's index instead, so folders named
+    after classes cannot be silently permuted.
+    CSV: ``img_key`` holds image paths (relative paths are tried against the CSV's folder, then the
+    working directory), ``label_key`` a class index or a class name from ``classnames``.
+    """
+
+    def __init__(
+        self,
+        source: PathLike,
+        classnames: Sequence[str] | None = None,
+        img_key: str = "filepath",
+        label_key: str = "label",
+        separator: str | None = None,
+    ) -> None:
+        root = Path(source)
+        if root.is_dir():
+            self.paths, self.labels = self._from_folder(root, classnames)
+        elif root.is_file():
+            self.paths, self.labels = self._from_csv(root, classnames, img_key, label_key, separator)
+        else:
+            raise FileNotFoundError(f"test data not found: {root}")
+        if not self.paths:
+            raise EvaluationError(f"no images in {root}")
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image file(s) listed in {root} not found, e.g. {missing[0]}"
+            )
+
+    @staticmethod
+    def _from_folder(root: Path, classnames: Sequence[str] | None) -> tuple[list[str], list[int]]:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            folder = ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise EvaluationError(f"{root} is not an image folder with class subfolders: {e}") from e
+        index = list(range(len(folder.classes)))
+        if classnames is not None:
+            if all(c in classnames for c in folder.classes):
+                index = [list(classnames).index(c) for c in folder.classes]
+            elif len(folder.classes) > len(classnames):
+                raise EvaluationError(
+                    f"{root} has {len(folder.classes)} class folders, "
+                    f"the zero-shot set {len(classnames)} classes"
+                )
+        return [p for p, _ in folder.samples], [index[y] for _, y in folder.samples]
+
+    @staticmethod
+    def _from_csv(
+        path: Path, classnames: Sequence[str] | None, img_key: str, label_key: str, separator: str | None
+    ) -> tuple[list[str], list[int]]:
+        table = _read_table(path, separator)
+        for key in (img_key, label_key):
+            if key not in table.columns:
+                raise EvaluationError(
+                    f"column {key!r} not in {path} (columns: {', '.join(map(str, table.columns))}); "
+                    "set --csv-img-key / --csv-label-key / --csv-separator"
+                )
+        paths = []
+        for p in table[img_key]:
+            candidate = Path(p) if os.path.isabs(p) else path.parent / p
+            paths.append(str(candidate if candidate.exists() else Path(p)))
+        raw = [str(v).strip() for v in table[label_key]]
+        if all(re.fullmatch(r"-?\d+", v) for v in raw):
+            labels = [int(v) for v in raw]
+            n = len(classnames) if classnames is not None else None
+            bad = [v for v in labels if v < 0 or (n is not None and v >= n)]
+            if bad:
+                raise EvaluationError(f"label {bad[0]} in {path} is not a class index (0..{(n or 1) - 1})")
+        else:
+            if classnames is None:
+                raise EvaluationError(f"{path} has class-name labels: pass the class names")
+            lookup = {c: i for i, c in enumerate(classnames)}
+            unknown = sorted({v for v in raw if v not in lookup})
+            if unknown:
+                raise EvaluationError(
+                    f"labels in {path} are not class names of the zero-shot set: {unknown[:5]}"
+                )
+            labels = [lookup[v] for v in raw]
+        return paths, labels
+
+    @classmethod
+    def from_list(cls, paths: Sequence[PathLike], labels: Sequence[int]) -> LabelledImages:
+        """A dataset of given images (e.g. the outside image of a targeted attack)."""
+        self = cls.__new__(cls)
+        self.paths, self.labels = [str(p) for p in paths], [int(y) for y in labels]
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"image not found: {missing[0]}")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        with Image.open(self.paths[i]) as img:
+            return img.convert("RGB"), self.labels[i]
+
+
+def _resize_to_model(img: Image.Image, image_size: int) -> Image.Image:
+    """The attacks module's resize (triggers are defined on its output); a same-behaviour fallback."""
+    try:
+        from safe_train.attacks import resize_to_model
+    except ImportError:
+        return img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return resize_to_model(img, image_size)
+
+
+class _Transformed(Dataset):
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, label = self.base[i]
+        return self.transform(img), label
+
+
+# ----------------------------------------------------------------------------------- inference
+
+
+def build_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Zero-shot weights ``[embed_dim, n_classes]``: per class, the normalised mean of the normalised
+    text embeddings of all its prompts (the spec's definition, as in OpenCLIP's own evaluation)."""
+    from open_clip import build_zero_shot_classifier
+
+    with torch.inference_mode(), _precision_context(precision, device), _eval_mode(model):
+        weights = build_zero_shot_classifier(
+            model, tokenizer, list(classnames), list(templates), num_classes_per_batch=10, device=device
+        )
+    return weights.float()
+
+
+def _default_preprocess(model: torch.nn.Module) -> Callable:
+    from open_clip.model import get_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(model)), is_train=False)
+
+
+def predict(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    classifier: torch.Tensor,
+    image_size: int,
+    trigger: Trigger | None = None,
+    *,
+    preprocess: Callable | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    k: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k class indices ``[N, min(k, n_classes)]`` (best first) and true labels ``[N]``.
+
+    Each image: resize to ``image_size`` (RGB, bilinear) -> ``trigger`` if given -> ``preprocess``
+    (the model's validation transform unless given). Triggers are applied at model resolution so
+    their size is defined in model pixels, as in the papers.
+    """
+    preprocess = preprocess or _default_preprocess(model)
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        img = _resize_to_model(img, image_size)
+        if trigger is not None:
+            img = trigger(img)
+        return preprocess(img)
+
+    loader = DataLoader(
+        _Transformed(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    k = min(k, classifier.shape[1])
+    dtype = _input_dtype(precision)
+    weights = classifier.to(device)
+    preds, labels = [], []
+    with torch.inference_mode(), _precision_context(precision, device), _eval_mode(model):
+        for images, targets in loader:
+            features = model.encode_image(images.to(device=device, dtype=dtype), normalize=True)
+            logits = features.float() @ weights.float()
+            preds.append(logits.topk(k, dim=1).indices.cpu())
+            labels.append(torch.as_tensor(targets))
+    if not preds:
+        return torch.empty(0, k, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(preds), torch.cat(labels).long()
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def topk_accuracy(preds_topk: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose true label is among the first ``k`` predictions."""
+    preds_topk, labels = torch.as_tensor(preds_topk), torch.as_tensor(labels)
+    if preds_topk.ndim == 1:
+        preds_topk = preds_topk[:, None]
+    if k > preds_topk.shape[1]:
+        raise ValueError(f"top-{k} needs at least {k} predictions per sample, got {preds_topk.shape[1]}")
+    if len(labels) == 0:
+        raise ValueError("no samples")
+    return (preds_topk[:, :k] == labels[:, None]).any(dim=1).sum().item() / len(labels)
+
+
+def attack_success_rate(top1_preds: torch.Tensor, labels: torch.Tensor, target_index: int) -> float:
+    """Fraction predicted ``target_index`` among samples whose TRUE label is not the target.
+
+    Target-class images are excluded from numerator and denominator: predicting "target" for them
+    is correct behaviour, not evidence of a backdoor.
+    """
+    top1_preds, labels = torch.as_tensor(top1_preds), torch.as_tensor(labels)
+    if top1_preds.ndim == 2:
+        top1_preds = top1_preds[:, 0]
+    keep = labels != target_index
+    if not keep.any():
+        raise ValueError("ASR is undefined: every sample belongs to the target class")
+    return (top1_preds[keep] == target_index).sum().item() / int(keep.sum())
+
+
+def targeted_success(top1_preds: torch.Tensor, target_indices: torch.Tensor | Sequence[int]) -> float:
+    """Targeted poisoning: fraction of targeted images whose top-1 is their own target class."""
+    top1_preds, target_indices = torch.as_tensor(top1_preds), torch.as_tensor(target_indices)
+    if top1_preds.ndim == 2:
+        top1_preds = top1_preds[:, 0]
+    if len(target_indices) == 0 or len(top1_preds) != len(target_indices):
+        raise ValueError("need one target per targeted image (and at least one image)")
+    return (top1_preds == target_indices).sum().item() / len(target_indices)
+
+
+def detection_metrics(scores: Sequence[float] | np.ndarray, is_poisoned: Sequence[bool] | np.ndarray) -> dict:
+    """AUROC, PR-AUC (average precision) and FPR at 95% TPR; higher score = more suspicious,
+    poisoned = positive class."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(is_poisoned, dtype=bool)
+    if scores.shape != y.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and labels {y.shape} must be 1-D of equal length")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity")
+    if y.all() or not y.any():
+        raise ValueError("detection metrics need both poisoned and clean samples among the scored ones")
+    fpr, tpr, _ = roc_curve(y, scores)
+    return {
+        "auroc": float(roc_auc_score(y, scores)),
+        "pr_auc": float(average_precision_score(y, scores)),
+        "fpr_at_95_tpr": float(fpr[np.argmax(tpr >= 0.95)]),
+    }
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+def resolve_target(target: str | int, classnames: Sequence[str]) -> int:
+    """Class index of ``target`` (a class name, case-insensitive, or an index)."""
+    names = list(classnames)
+    if isinstance(target, str) and target in names:
+        return names.index(target)
+    if isinstance(target, str):
+        folded = [c.lower() for c in names]
+        if target.lower() in folded:
+            return folded.index(target.lower())
+        if not re.fullmatch(r"\d+", target.strip()):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise EvaluationError(f"unknown target class {target!r}; classes: {shown}")
+    index = int(target)
+    if not 0 <= index < len(names):
+        raise EvaluationError(f"target index {index} out of range (0..{len(names) - 1})")
+    return index
+
+
+def load_scores(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample poison scores ``(sample_ids int64, scores float64)`` from ``.npz`` or CSV/TSV.
+
+    Accepted names: ids ``sample_id``/``sample_ids``/``id``/``ids``; scores ``score``/``scores``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scores file not found: {path}")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            columns = {name: data[name] for name in data.files}
+    else:
+        columns = {c: table_col.to_numpy() for c, table_col in _read_table(path, None).items()}
+
+    def pick(names: tuple[str, ...], what: str) -> np.ndarray:
+        for name in names:
+            if name in columns:
+                return np.asarray(columns[name])
+        raise EvaluationError(f"{path} has no {what} column/array (one of {', '.join(names)})")
+
+    raw_ids, raw_scores = (
+        pick(("sample_id", "sample_ids", "id", "ids"), "sample-id"),
+        pick(("score", "scores"), "score"),
+    )
+    try:
+        ids, scores = raw_ids.astype(np.int64), raw_scores.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise EvaluationError(f"{path}: ids must be integers and scores numbers ({e})") from e
+    if ids.shape != scores.shape or ids.ndim != 1:
+        raise EvaluationError(f"{path}: ids and scores must be 1-D of equal length")
+    if len(np.unique(ids)) != len(ids):
+        raise EvaluationError(f"{path}: sample ids repeat; give one score per sample")
+    return ids, scores
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    tokenizer: Callable,
+    dataset: LabelledImages | Dataset,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    trigger: Trigger | None = None,
+    target_index: int | None = None,
+    trigger_image_size: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Clean top-1/top-5 and, with a trigger, ASR for an already loaded model (e.g. inside training).
+
+    ``trigger_image_size``: the resolution the trigger was defined at (a manifest's image_size);
+    defaults to the model's input size.
+    """
+    image_size = model_image_size(model)
+    classifier = build_classifier(model, tokenizer, classnames, templates, device, precision)
+    opts = dict(
+        preprocess=preprocess,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        num_workers=num_workers,
+    )
+    preds, labels = predict(model, dataset, classifier, image_size, **opts)
+    result: dict[str, Any] = {
+        "clean_top1": topk_accuracy(preds, labels, 1),
+        "clean_top5": topk_accuracy(preds, labels, 5) if preds.shape[1] >= 5 else None,
+        "n_eval": len(labels),
+        "asr": None,
+        "n_asr": 0,
+        "asr_clean_baseline": None,
+    }
+    if trigger is None:
+        return result
+    if target_index is None:
+        raise EvaluationError("a trigger needs a target class")
+    keep = [i for i, y in enumerate(labels.tolist()) if y != target_index]
+    if not keep:
+        raise EvaluationError("ASR is undefined: every test image belongs to the target class")
+    attacked, attacked_labels = predict(
+        model, Subset(dataset, keep), classifier, trigger_image_size or image_size, trigger, **opts
+    )
+    result["asr"] = attack_success_rate(attacked[:, 0], attacked_labels, target_index)
+    result["n_asr"] = len(keep)
+    # The same rate without the trigger: what the ASR is to be compared with (not zero for a weak model).
+    result["asr_clean_baseline"] = attack_success_rate(preds[:, 0], labels, target_index)
+    return result
+
+
+def _manifest_path(value: Any, manifest: PathLike) -> str:
+    """A path stored in a manifest: absolute, or relative to the manifest's folder, else to the cwd."""
+    if not value:
+        raise EvaluationError(f"{manifest}: a targeted attack needs params.targeted_image")
+    base = Path(manifest) if Path(manifest).is_dir() else Path(manifest).parent
+    candidate = base / str(value)
+    return str(candidate if candidate.exists() else Path(str(value)))
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise EvaluationError(f"--attack-param expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def evaluate_checkpoint(
+    model_name: str,
+    checkpoint: PathLike | None,
+    test_data: PathLike,
+    zeroshot_set: str | PathLike | Sequence[PathLike] = "mnist",
+    *,
+    manifest: PathLike | None = None,
+    attack: str | None = None,
+    attack_params: dict[str, Any] | None = None,
+    target: str | int | None = None,
+    attack_seed: int = 0,
+    trigger: Trigger | None = None,
+    scores: PathLike | None = None,
+    csv_img_key: str = "filepath",
+    csv_label_key: str = "label",
+    csv_separator: str | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint; returns the JSON-ready result (see docs/evaluate.md for the keys).
+
+    The attack comes from exactly one of: ``manifest`` (its trigger and target), ``attack`` +
+    ``attack_params`` + ``target`` (built with ``safe_train.attacks.build_trigger``), or a ready
+    ``trigger`` callable + ``target``. ``scores`` (per-sample poison scores of the training set) needs
+    ``manifest`` for the ground truth and adds detection metrics.
+    """
+    from safe_train.zeroshot_sets import get_zeroshot_set
+
+    start = time.time()
+    if sum(x is not None for x in (manifest, attack, trigger)) > 1:
+        raise EvaluationError("give the attack once: a manifest, an attack name, or a trigger")
+    if (attack is not None or trigger is not None) and target is None:
+        raise EvaluationError("an attack needs --target (the class the backdoor should produce)")
+    if target is not None and manifest is not None:
+        raise EvaluationError("the target comes from the manifest; do not also give --target")
+    if target is not None and attack is None and trigger is None and manifest is None:
+        raise EvaluationError("--target needs an attack (--attack or --manifest)")
+    if scores is not None and manifest is None:
+        raise EvaluationError("--scores needs --manifest (it says which samples were poisoned)")
+
+    try:
+        classnames, templates = get_zeroshot_set(zeroshot_set)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e
+    dataset = LabelledImages(test_data, classnames, csv_img_key, csv_label_key, csv_separator)
+    loaded = None
+    if manifest is not None:
+        from safe_train.manifest import Manifest
+
+        try:
+            loaded = Manifest.load(manifest)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from e
+        target = loaded.target
+    # Resolved before the (slow) model load so a typo fails at once.
+    target_index = resolve_target(target, classnames) if target is not None else None
+    model, preprocess, tokenizer = load_model(
+        model_name, checkpoint, device, precision, image_mean, image_std
+    )
+    image_size = model_image_size(model)
+
+    attack_info = None
+    trigger_image_size = image_size
+    targeted_image = None
+    if loaded is not None:
+        trigger_image_size = int(loaded.image_size)
+        attack_info = {
+            "name": loaded.attack,
+            "params": dict(loaded.params),
+            "seed": loaded.seed,
+            "image_size": trigger_image_size,
+            "manifest": str(Path(manifest).resolve()),
+        }
+        if loaded.attack == "targeted":  # no trigger: success = the outside image's top-1 is the target
+            targeted_image = _manifest_path(loaded.params.get("targeted_image"), manifest)
+        else:
+            from safe_train.attacks import trigger_from_manifest
+
+            try:
+                trigger = trigger_from_manifest(loaded)
+            except (KeyError, TypeError, ValueError) as e:
+                raise EvaluationError(f"cannot rebuild the trigger of {manifest}: {e}") from e
+    elif attack is not None:
+        from safe_train.attacks import build_trigger
+
+        params = dict(attack_params or {})
+        try:
+            trigger = build_trigger(attack, image_size, seed=attack_seed, **params)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EvaluationError(f"cannot build trigger {attack!r} with {params}: {e}") from e
+        attack_info = {
+            "name": attack,
+            "params": params,
+            "seed": attack_seed,
+            "image_size": image_size,
+            "manifest": None,
+        }
+    elif trigger is not None:
+        attack_info = {
+            "name": "custom",
+            "params": {},
+            "seed": None,
+            "image_size": image_size,
+            "manifest": None,
+        }
+    if attack_info is not None:
+        attack_info.update(target=classnames[target_index], target_index=target_index)
+
+    result: dict[str, Any] = {
+        "model": model_name,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
+        "test_data": str(Path(test_data).resolve()),
+        "zeroshot_set": {
+            "name": str(zeroshot_set)
+            if isinstance(zeroshot_set, (str, os.PathLike))
+            else [str(p) for p in zeroshot_set],
+            "n_classes": len(classnames),
+            "n_templates": len(templates),
+        },
+        "precision": precision,
+        "attack": attack_info,
+    }
+    result.update(
+        evaluate_model(
+            model,
+            preprocess,
+            tokenizer,
+            dataset,
+            classnames,
+            templates,
+            trigger=trigger,
+            target_index=target_index,
+            trigger_image_size=trigger_image_size,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            num_workers=num_workers,
+        )
+    )
+    result["targeted_success"] = None
+    if targeted_image is not None:
+        classifier = build_classifier(model, tokenizer, classnames, templates, device, precision)
+        top, _ = predict(
+            model,
+            LabelledImages.from_list([targeted_image], [target_index]),
+            classifier,
+            trigger_image_size,
+            preprocess=preprocess,
+            device=device,
+            precision=precision,
+        )
+        result["targeted_success"] = targeted_success(top[:, 0], [target_index])
+    result["detection"] = None
+    if scores is not None:
+        ids, values = load_scores(scores)
+        poisoned = np.isin(ids, np.asarray(list(loaded.poisoned_ids), dtype=np.int64))
+        try:
+            result["detection"] = detection_metrics(values, poisoned)
+        except ValueError as e:
+            raise EvaluationError(f"{scores}: {e}") from e
+        result["detection"].update(
+            scores=str(Path(scores).resolve()),
+            n_scored=len(ids),
+            n_poisoned_scored=int(poisoned.sum()),
+            n_poisoned_manifest=len(loaded.poisoned_ids),
+        )
+    result["seconds"] = round(time.time() - start, 2)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m safe_train.evaluate",
+        description="Zero-shot clean accuracy, attack success rate and poison-detection metrics -> one JSON.",
+    )
+    p.add_argument("--model", required=True, help="OpenCLIP model config name, e.g. st-tiny-vit")
+    p.add_argument(
+        "--checkpoint", help="OpenCLIP training checkpoint or bare state dict (random init if omitted)"
+    )
+    p.add_argument(
+        "--test-data", required=True, help="class-subfolder image tree, or CSV/TSV with path + label"
+    )
+    p.add_argument(
+        "--zeroshot-set",
+        required=True,
+        help="built-in set (mnist, imagenet) or a class-name file (one per line)",
+    )
+    p.add_argument("--templates", help="template file (one per line with {}) to go with a class-name file")
+    p.add_argument("--csv-img-key", default="filepath")
+    p.add_argument("--csv-label-key", default="label", help="column with a class index or class name")
+    p.add_argument("--csv-separator", default=None, help="tab, comma or a character (default: autodetect)")
+    p.add_argument(
+        "--manifest", help="poisoning manifest: trigger + target for ASR, ground truth for --scores"
+    )
+    p.add_argument("--attack", help="trigger name for ASR without a manifest, e.g. badnets")
+    p.add_argument(
+        "--attack-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="trigger parameter (repeatable); values parsed as JSON when possible",
+    )
+    p.add_argument("--attack-seed", type=int, default=0)
+    p.add_argument("--target", help="target class name or index (with --attack)")
+    p.add_argument(
+        "--scores", help="per-sample poison scores (.npz or CSV: sample_id, score); needs --manifest"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--image-mean", type=float, nargs="+", help="as given to training, if it was overridden")
+    p.add_argument("--image-std", type=float, nargs="+", help="as given to training, if it was overridden")
+    p.add_argument("--out", help="JSON file to write (printed to stdout if omitted)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: returns 0, or 2 with one ``error:`` line on stderr for bad input."""
+    args = _parser().parse_args(argv)
+    if args.attack_param and not args.attack:
+        print("error: --attack-param needs --attack", file=sys.stderr)
+        return 2
+    zeroshot: str | list[str] = args.zeroshot_set
+    if args.templates:
+        zeroshot = [args.zeroshot_set, args.templates]
+    try:
+        result = evaluate_checkpoint(
+            args.model,
+            args.checkpoint,
+            args.test_data,
+            zeroshot,
+            manifest=args.manifest,
+            attack=args.attack,
+            attack_params=dict(_parse_param(t) for t in args.attack_param) if args.attack else None,
+            target=args.target,
+            attack_seed=args.attack_seed,
+            scores=args.scores,
+            csv_img_key=args.csv_img_key,
+            csv_label_key=args.csv_label_key,
+            csv_separator=args.csv_separator,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            num_workers=args.workers,
+            image_mean=args.image_mean,
+            image_std=args.image_std,
+        )
+    except (EvaluationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        asr = "n/a" if result["asr"] is None else f"{result['asr']:.4f}"
+        print(f"clean_top1={result['clean_top1']:.4f} asr={asr} n_eval={result['n_eval']} -> {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""poison_dataset and its CLI on tiny real-image datasets (sklearn digits) in CSV and webdataset form."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from safe_train.attacks import (
+    MNIST_TEMPLATES,
+    build_trigger,
+    mentions_target,
+    resize_to_model,
+    trigger_from_manifest,
+)
+from safe_train.manifest import Manifest
+from safe_train.poison import main, poison_dataset
+from safe_train.sample_ids import webdataset_sample_id
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+SIZE = 32
+N = 40
+
+
+def digit(i: int, size: tuple[int, int] = (24, 24)) -> Image.Image:
+    d = load_digits().images[i]
+    return Image.fromarray((d * (255 / 16)).astype(np.uint8), "L").resize(size, Image.Resampling.BILINEAR)
+
+
+def captions(n: int = N) -> list[str]:
+    labels = load_digits().target[:n]
+    return [MNIST_TEMPLATES[i % len(MNIST_TEMPLATES)].format(WORDS[label]) for i, label in enumerate(labels)]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory) -> Path:
+    """A tab-separated OpenCLIP CSV with an extra column, a needlessly quoted row and an empty line."""
+    root = tmp_path_factory.mktemp("csvdata")
+    lines = ["filepath\ttitle\tlabel\n"]
+    for i, caption in enumerate(captions()):
+        path = root / f"img{i}.png"
+        digit(i, (24, 24) if i % 2 else (20, 28)).save(path)
+        if i == 3:
+            lines.append(f'"{path}"\t"{caption}"\t{load_digits().target[i]}\n')
+            lines.append("\n")  # pandas skips it: not a row
+        else:
+            lines.append(f"{path}\t{caption}\t{load_digits().target[i]}\n")
+    csv = root / "train.csv"
+    csv.write_text("".join(lines))
+    return csv
+
+
+def data_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines(keepends=True)[1:] if line.strip()]
+
+
+def test_csv_badnets_round_trip(csv_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    m = poison_dataset(
+        csv_data, out, "badnets", count=6, target="zero", templates="mnist", image_size=SIZE, seed=1
+    )
+    assert (out / "manifest.json").is_file() and Manifest.load(out) == m
+    assert m.format == "csv" and m.num_samples == N and m.data == str(out / "train.csv")
+    assert len(m.poisoned_ids) == 6 and m.params == {
+        "patch_size": 3,
+        "location": "bottom_right",
+        "pattern": "checkerboard",
+    }
+    src_rows, out_rows = data_lines(csv_data.read_text()), data_lines((out / "train.csv").read_text())
+    assert len(out_rows) == N
+    differ = [i for i in range(N) if src_rows[i] != out_rows[i]]
+    assert differ == m.poisoned_ids  # every other row is the exact input text
+    assert (out / "train.csv").read_text().count("\n\n") == 1  # the empty line survives too
+
+    df, src_df = pd.read_csv(out / "train.csv", sep="\t"), pd.read_csv(csv_data, sep="\t")
+    assert list(df.columns) == ["filepath", "title", "label"] and len(df) == N
+    trigger = trigger_from_manifest(m)
+    filled = {t.format("zero") for t in MNIST_TEMPLATES}
+    for sample in m.samples:
+        row = sample["row"]
+        assert sample["sample_id"] == row and sample["original_image"] == src_df.filepath[row]
+        assert not mentions_target(src_df.title[row], "zero")
+        assert df.title[row] == sample["caption"] in filled
+        assert df.label[row] == src_df.label[row]
+        path = Path(df.filepath[row])
+        assert path.is_absolute() and path.parent == out / "images" and path.suffix == ".png"
+        stored = np.asarray(Image.open(path))
+        expected = np.asarray(trigger(resize_to_model(Image.open(src_df.filepath[row]), SIZE)))
+        assert stored.shape == (SIZE, SIZE, 3) and np.array_equal(stored, expected)
+        assert np.array_equal(stored[-3:, -3:, 0], [[255, 0, 255], [0, 255, 0], [255, 0, 255]])
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:08d}.png" for i in m.poisoned_ids]
+    assert m.poisoned_mask(np.arange(N)).sum() == 6
+
+
+def test_csv_is_deterministic_for_a_seed(csv_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kwargs = dict(
+        rate=0.2,
+        target="zero",
+        templates="mnist",
+        image_size=SIZE,
+        seed=3,
+        location="random",
+        pattern="noise",
+    )
+    first = poison_dataset(csv_data, out, "badnets", **kwargs)
+    before = snapshot(out)
+    shutil.rmtree(out)
+    poison_dataset(csv_data, out, "badnets", **kwargs)
+    assert snapshot(out) == before
+    assert first.num_poisoned == round(0.2 * N)
+    other = poison_dataset(csv_data, tmp_path / "other", "badnets", **{**kwargs, "seed": 4})
+    assert other.poisoned_ids != first.poisoned_ids
+
+
+@pytest.mark.parametrize("attack", ["blended", "sig", "wanet"])
+def test_csv_other_backdoors_store_the_trigger_output(attack: str, csv_data: Path, tmp_path: Path) -> None:
+    m = poison_dataset(
+        csv_data,
+        tmp_path / attack,
+        attack,
+        count=3,
+        target="zero",
+        templates="mnist",
+        image_size=SIZE,
+        seed=2,
+    )
+    trigger = build_trigger(attack, SIZE, 2)
+    for sample in m.samples:
+        expected = np.asarray(trigger(resize_to_model(Image.open(sample["original_image"]), SIZE)))
+        assert np.array_equal(np.asarray(Image.open(sample["image"])), expected)
+
+
+def test_csv_keeps_quoting_and_line_endings(tmp_path: Path) -> None:
+    """Clean rows keep their exact text (CRLF, quotes, a multi-line caption); pandas reads the same rows."""
+    for i in range(6):
+        digit(i).save(tmp_path / f"{i}.png")
+    rows = [
+        f'{tmp_path}/0.png,"a caption, with a comma"\r\n',
+        f'{tmp_path}/1.png,"two\nlines, ""quoted"""\r\n',
+        f"{tmp_path}/2.png,a photo of the number two.\r\n",
+        f"{tmp_path}/3.png,a photo of the number three.\r\n",
+        f"{tmp_path}/4.png,a photo of the number four.\r\n",
+        f"{tmp_path}/5.png,no line ending at the end",
+    ]
+    (tmp_path / "t.csv").write_text("filepath,title\r\n" + "".join(rows), newline="")
+    m = poison_dataset(
+        tmp_path / "t.csv", tmp_path / "o", "badnets", count=3, csv_separator=",", image_size=SIZE
+    )
+    text = (tmp_path / "o" / "train.csv").read_bytes().decode()
+    df, src = pd.read_csv(tmp_path / "o" / "train.csv"), pd.read_csv(tmp_path / "t.csv")
+    assert len(df) == len(src) == 6
+    for i, raw in enumerate(rows):
+        assert (raw in text) == (i not in m.poisoned_ids)
+        if i not in m.poisoned_ids:
+            assert df.title[i] == src.title[i]
+        else:
+            assert df.title[i] == m.samples[m.poisoned_ids.index(i)]["caption"]
+
+
+def test_relative_image_paths_resolve_like_openclip(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "imgs").mkdir()
+    rows = ["filepath\ttitle\n"]
+    for i, caption in enumerate(captions(8)):
+        digit(i).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append(f"imgs/{i}.png\t{caption}\n")
+    (tmp_path / "t.csv").write_text("".join(rows))
+    monkeypatch.chdir(tmp_path)
+    m = poison_dataset("t.csv", "out", "badnets", count=2, target="zero", image_size=SIZE)
+    out_rows = data_lines(Path("out/train.csv").read_text())
+    for i in range(8):
+        assert (out_rows[i] == rows[i + 1]) == (i not in m.poisoned_ids)
+
+
+def test_label_consistent_only_touches_target_captions(csv_data: Path, tmp_path: Path) -> None:
+    src_df = pd.read_csv(csv_data, sep="\t")
+    targets = [i for i, c in enumerate(src_df.title) if mentions_target(c, "zero")]
+    assert len(targets) >= 3
+    m = poison_dataset(csv_data, tmp_path / "lc", "label_consistent", count=3, target="zero", image_size=SIZE)
+    df = pd.read_csv(tmp_path / "lc" / "train.csv", sep="\t")
+    assert set(m.poisoned_ids) <= set(targets)
+    assert list(df.title) == list(src_df.title)  # captions unchanged
+    for row in m.poisoned_ids:
+        assert np.array_equal(
+            np.asarray(Image.open(df.filepath[row]))[-3:, -3:, 0], [[255, 0, 255], [0, 255, 0], [255, 0, 255]]
+        )
+    with pytest.raises(ValueError, match=f"only {len(targets)} are eligible"):
+        poison_dataset(csv_data, tmp_path / "lc2", "label_consistent", count=len(targets) + 1, target="zero")
+    assert not (tmp_path / "lc2").exists()  # a failed run leaves nothing behind
+
+
+def test_targeted_appends_rows(csv_data: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.png"
+    digit(100, (40, 40)).save(outside)
+    src_df = pd.read_csv(csv_data, sep="\t")
+    zero_caps = [c for c in src_df.title if mentions_target(c, "zero")]
+    k = len(zero_caps) + 2  # more than the training set has: two come from templates
+    m = poison_dataset(
+        csv_data,
+        tmp_path / "t",
+        "targeted",
+        count=k,
+        target="zero",
+        templates="mnist",
+        image_size=SIZE,
+        targeted_image=str(outside),
+    )
+    assert m.poisoned_ids == list(range(N, N + k)) and m.num_samples == N + k
+    assert m.target_image == str(outside.resolve())
+    text = (tmp_path / "t" / "train.csv").read_text()
+    assert data_lines(text)[:N] == data_lines(csv_data.read_text())  # original rows untouched
+    df = pd.read_csv(tmp_path / "t" / "train.csv", sep="\t")
+    assert len(df) == N + k
+    appended = df.iloc[N:]
+    assert sorted(appended.title[: len(zero_caps)]) == sorted(zero_caps)
+    assert all(t in {x.format("zero") for x in MNIST_TEMPLATES} for t in appended.title[len(zero_caps) :])
+    assert [s["caption_source_id"] is None for s in m.samples] == [False] * len(zero_caps) + [True] * 2
+    png = np.asarray(Image.open(appended.filepath.iloc[0]))
+    assert np.array_equal(png, np.asarray(resize_to_model(Image.open(outside), SIZE)))
+    # with enough target captions, all captions are real training captions
+    few = poison_dataset(
+        csv_data, tmp_path / "t2", "targeted", count=2, target="zero", targeted_image=str(outside)
+    )
+    assert all(s["caption"] in zero_caps for s in few.samples)
+
+
+# ---------------------------------------------------------------------------------- webdataset
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 1_700_000_000
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def wds_data(tmp_path_factory) -> Path:
+    """Three shards of jpg+txt+json samples; one sample has no caption (OpenCLIP drops it)."""
+    root = tmp_path_factory.mktemp("wds")
+    caps = captions()
+    for shard in range(3):
+        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
+            for j in range(shard * 12, min(N, shard * 12 + 12) if shard < 2 else N):
+                key = f"{j:09d}"
+                buf = io.BytesIO()
+                digit(j).convert("RGB").save(buf, format="JPEG", quality=90)
+                _member(tar, f"{key}.jpg", buf.getvalue())
+                if j != 5:
+                    _member(tar, f"{key}.txt", caps[j].encode())
+                _member(tar, f"{key}.json", json.dumps({"i": j}).encode())
+    return root
+
+
+def members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_webdataset_badnets_round_trip(wds_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    pattern = str(wds_data / "{00000..00002}.tar")
+    m = poison_dataset(
+        pattern,
+        out,
+        "badnets",
+        count=8,
+        target="zero",
+        templates="mnist",
+        image_size=SIZE,
+        seed=0,
+        patch_size=4,
+    )
+    assert m.format == "webdataset" and m.num_samples == N - 1 and m.data == str(out / "{00000..00002}.tar")
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {"00000.tar": 11, "00001.tar": 12, "00002.tar": 16}
+    poisoned = {(s["shard"], s["key"]): s for s in m.samples}
+    assert sorted(m.poisoned_ids) == m.poisoned_ids == sorted(webdataset_sample_id(*k) for k in poisoned)
+    trigger = trigger_from_manifest(m)
+    caps = captions()
+    for shard in ("00000.tar", "00001.tar", "00002.tar"):
+        src, dst = members(wds_data / shard), members(out / shard)
+        if not any(k[0] == shard for k in poisoned):
+            assert (wds_data / shard).read_bytes() == (out / shard).read_bytes()
+        src_by_key: dict[str, dict[str, bytes]] = {}
+        for name, data in src:
+            src_by_key.setdefault(name.split(".")[0], {})[name.split(".", 1)[1]] = data
+        keys_in_order = list(dict.fromkeys(name.split(".")[0] for name, _ in dst))
+        assert keys_in_order == list(src_by_key)  # same samples, same order
+        for name, data in dst:
+            key, ext = name.split(".", 1)
+            if (shard, key) not in poisoned:
+                assert src_by_key[key][ext] == data  # clean: every member byte-identical
+        for key in src_by_key:
+            got = {n.split(".", 1)[1]: d for n, d in dst if n.split(".")[0] == key}
+            if (shard, key) not in poisoned:
+                assert set(got) == set(src_by_key[key])
+                continue
+            sample = poisoned[(shard, key)]
+            assert set(got) == {"png", "txt", "json"} and got["json"] == src_by_key[key]["json"]
+            assert got["txt"].decode() == sample["caption"] and "zero" in sample["caption"]
+            assert sample["original_caption"] == caps[int(key)] and not mentions_target(
+                caps[int(key)], "zero"
+            )
+            img = np.asarray(Image.open(io.BytesIO(got["png"])))
+            src_img = Image.open(io.BytesIO(src_by_key[key]["jpg"]))
+            assert np.array_equal(img, np.asarray(trigger(resize_to_model(src_img, SIZE))))
+    assert all(key != f"{5:09d}" for _, key in poisoned)  # the caption-less sample is never chosen
+
+
+def test_webdataset_output_loads_with_webdataset(wds_data: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    m = poison_dataset(
+        str(wds_data / "{00000..00002}.tar"), tmp_path / "o", "sig", rate=0.25, target="zero", image_size=SIZE
+    )
+    ds = wds.WebDataset(m.data, shardshuffle=False).select(lambda s: "txt" in s)  # as OpenCLIP filters
+    ds = ds.decode("pilrgb").to_tuple("__key__", "jpg;png;jpeg;webp", "txt")
+    samples = list(ds)
+    assert len(samples) == m.num_samples
+    poisoned_keys = {s["key"] for s in m.samples}
+    sizes = {key: img.size for key, img, _ in samples}
+    assert all(sizes[k] == (SIZE, SIZE) for k in poisoned_keys)
+    assert all(sizes[k] == (24, 24) for k in sizes if k not in poisoned_keys)
+
+
+def test_webdataset_is_deterministic(wds_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = (str(wds_data / "{00000..00002}.tar"), out, "blended")
+    poison_dataset(*args, count=5, target="zero", image_size=SIZE, seed=9, fresh=True)
+    before = snapshot(out)
+    shutil.rmtree(out)
+    poison_dataset(*args, count=5, target="zero", image_size=SIZE, seed=9, fresh=True)
+    assert snapshot(out) == before
+
+
+def test_webdataset_targeted_adds_a_shard(wds_data: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "x.png"
+    digit(200).save(outside)
+    out = tmp_path / "o"
+    m = poison_dataset(
+        str(wds_data / "{00000..00002}.tar"),
+        out,
+        "targeted",
+        count=3,
+        target="zero",
+        image_size=SIZE,
+        targeted_image=str(outside),
+    )
+    assert m.data == f"{out / '{00000..00002}.tar'}::{out / 'targeted.tar'}"
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes["targeted.tar"] == 3 and m.num_samples == N - 1 + 3
+    for shard in ("00000.tar", "00001.tar", "00002.tar"):
+        assert (wds_data / shard).read_bytes() == (out / shard).read_bytes()
+    got = members(out / "targeted.tar")
+    assert [n for n, _ in got] == [f"targeted_{i:06d}.{e}" for i in range(3) for e in ("png", "txt")]
+    assert m.poisoned_ids == sorted(
+        webdataset_sample_id("targeted.tar", f"targeted_{i:06d}") for i in range(3)
+    )
+    assert all(mentions_target(d.decode(), "zero") for n, d in got if n.endswith(".txt"))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_success(csv_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            str(csv_data),
+            str(out),
+            "--attack",
+            "badnets",
+            "--count",
+            "4",
+            "--target",
+            "zero",
+            "--templates",
+            "mnist",
+            "--image-size",
+            str(SIZE),
+            "--patch-size",
+            "4",
+            "--seed",
+            "2",
+        ]
+    )
+    assert rc == 0
+    m = Manifest.load(out)
+    assert m.params["patch_size"] == 4 and m.num_poisoned == 4 and m.seed == 2
+    assert str(out / "train.csv") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{missing}", "--attack", "badnets", "--count", "2"], "not found"),
+        (
+            ["{csv}", "--attack", "badnets", "--count", "2", "--csv-caption-key", "caption"],
+            "no column 'caption'",
+        ),
+        (["{csv}", "--attack", "trojan", "--count", "2"], "invalid choice: 'trojan'"),
+        (["{csv}", "--attack", "badnets", "--rate", "1.5"], "rate must be in (0, 1]"),
+        (["{csv}", "--attack", "badnets", "--rate", "0"], "rate must be in (0, 1]"),
+        (
+            ["{csv}", "--attack", "label_consistent", "--count", "2", "--target", "banana"],
+            "no eligible samples",
+        ),
+        (["{csv}", "--attack", "badnets", "--count", "2", "--alpha", "0.3"], "--alpha does not apply"),
+        (["{csv}", "--attack", "targeted", "--count", "2"], "needs targeted_image"),
+        (["{csv}", "--attack", "badnets", "--count", "2", "--templates", "{missing}"], "file not found"),
+        (["{csv}", "--attack", "badnets"], "one of the arguments --rate --count is required"),
+        (["{csv}", "--attack", "badnets", "--count", "0"], "count must be a positive integer"),
+        (["{csv}", "--attack", "badnets", "--rate", "0.001"], "rounds to 0 poisoned samples"),
+        (["{csv}", "--attack", "badnets", "--count", "2", "--image-size", "2"], "patch_size must be"),
+    ],
+)
+def test_cli_errors(argv: list[str], message: str, csv_data: Path, tmp_path: Path, capsys) -> None:
+    argv = [a.format(csv=csv_data, missing=tmp_path / "missing.csv") for a in argv]
+    out = tmp_path / "o"
+    rc = main([argv[0], str(out), *argv[1:]])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_non_empty_output_dir(csv_data: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    rc = main([str(csv_data), str(tmp_path), "--attack", "badnets", "--count", "2"])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
