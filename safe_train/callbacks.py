@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import numpy as np
 import torch
@@ -57,15 +59,93 @@ class SimilarityRecorder(Callback):
             ctx.log_metric("similarity_mean_rank0" if ctx.distributed else "similarity_mean", self._sum / self._count)
 
 
+@register_callback
+class ZeroShotEvaluation(Callback):
+    """Clean zero-shot accuracy and attack success rate every N epochs, on rank 0.
+
+    Results go to the log, tensorboard/wandb (``eval/clean_top1``, ``eval/asr``, ...) and one JSON line per
+    evaluation in ``<run>/evaluations.jsonl``. The training RNG stream is left untouched.
+    """
+
+    name = "zeroshot_eval"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from safe_train.evaluate import LabelledImages, resolve_target
+        from safe_train.zeroshot_sets import get_zeroshot_set
+
+        self.every = max(1, args.eval_every)
+        self.classnames, self.templates = get_zeroshot_set(args.eval_zeroshot_set)
+        self.dataset = LabelledImages(args.eval_data, classnames=self.classnames)
+        self.batch_size = args.eval_batch_size
+        self.manifest_path = args.eval_manifest
+        self.trigger = None
+        self.target_index = None
+        self.trigger_image_size = None
+        self.attack = None
+        if args.eval_manifest:
+            from safe_train.attacks import trigger_from_manifest
+            from safe_train.manifest import Manifest
+
+            manifest = Manifest.load(args.eval_manifest)
+            self.attack = {"name": manifest.attack, "params": manifest.params, "target": manifest.target}
+            self.target_index = resolve_target(manifest.target, self.classnames)
+            if manifest.attack != "targeted":
+                self.trigger = trigger_from_manifest(manifest)
+                self.trigger_image_size = manifest.image_size
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        completed = ctx.epoch + 1
+        if not ctx.is_master or (completed % self.every and completed != ctx.args.epochs):
+            return
+        from safe_train import openclip_compat as oc
+        from safe_train.evaluate import evaluate_model
+
+        rng = oc.capture_rng_state()
+        try:
+            result = evaluate_model(oc.unwrap_model(ctx.model), ctx.preprocess_val, ctx.tokenizer, self.dataset,
+                                    self.classnames, self.templates, trigger=self.trigger,
+                                    target_index=self.target_index, trigger_image_size=self.trigger_image_size,
+                                    batch_size=self.batch_size, device=ctx.device, precision=ctx.args.precision)
+        finally:
+            oc.restore_rng_state(rng)
+        for key in ("clean_top1", "clean_top5", "asr"):
+            if result.get(key) is not None:
+                ctx.log_metric(f"eval_{key}", result[key])
+        result.update({"epoch": completed, "attack": self.attack, "manifest": self.manifest_path})
+        log_dir = getattr(ctx.args, "log_base_path", None) or _run_dir(ctx.args)
+        if log_dir:
+            with open(os.path.join(log_dir, "evaluations.jsonl"), "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+def _run_dir(args: argparse.Namespace) -> str | None:
+    checkpoint_path = getattr(args, "checkpoint_path", None)
+    return os.path.dirname(checkpoint_path) if checkpoint_path else None
+
+
 def add_callback_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("safe-train callbacks")
     group.add_argument("--record-similarity", action="store_true",
                        help="Record every sample's image-caption cosine similarity from its training step into the "
                             "per-sample table (saved with checkpoints).")
+    group.add_argument("--eval-data", default=None, metavar="PATH",
+                       help="Labelled test set (image folder, or CSV with filepath and label columns) for in-loop "
+                            "zero-shot evaluation.")
+    group.add_argument("--eval-zeroshot-set", default="mnist",
+                       help="Class names + prompt templates: mnist, imagenet, or CLASSNAMES_FILE[,TEMPLATES_FILE].")
+    group.add_argument("--eval-manifest", default=None, metavar="manifest.json",
+                       help="Poison manifest: also measure the attack success rate of its trigger.")
+    group.add_argument("--eval-every", type=int, default=1, metavar="N", help="Evaluate every N epochs (and at the end).")
+    group.add_argument("--eval-batch-size", type=int, default=256)
 
 
 def create_callbacks(args: argparse.Namespace) -> list[Callback]:
     callbacks: list[Callback] = []
     if getattr(args, "record_similarity", False):
         callbacks.append(SimilarityRecorder())
+    if getattr(args, "eval_data", None):
+        zeroshot_set = args.eval_zeroshot_set
+        if isinstance(zeroshot_set, str) and "," in zeroshot_set:
+            args.eval_zeroshot_set = zeroshot_set.split(",")
+        callbacks.append(ZeroShotEvaluation(args))
     return callbacks

@@ -270,6 +270,31 @@ class _ApplyTransform:
         return out
 
 
+class _PaddedBatches(oc.wds.PipelineStage):
+    """Batches of exactly ``batch_size``; a stream's last partial batch is completed with its first samples.
+
+    Used for selection passes, whose per-worker sample counts are not known in advance: nothing
+    selected is dropped, and at most ``batch_size - 1`` samples per worker are repeated.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
+    def run(self, src):
+        first: list = []
+        batch: list = []
+        for sample in src:
+            if len(first) < self.batch_size:
+                first.append(sample)
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield default_collate(batch)
+                batch = []
+        if batch:
+            padding = (first * self.batch_size)[: self.batch_size - len(batch)]
+            yield default_collate(batch + padding)
+
+
 class _SeededSampleShuffle(oc.wds.PipelineStage):
     """Sample-level shuffle buffer seeded by (seed, epoch, rank, worker): reproducible on resume."""
 
@@ -288,9 +313,9 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
                skip_counter: SkipCounter | None = None, persistent: bool = True) -> LoaderInfo:
     """OpenCLIP's webdataset pipeline with sample ids, an optional selection filter and counted skips.
 
-    ``expected_samples`` (default: the dataset size) sets the epoch length; with a selection the
-    per-rank sample counts can differ, so the training loop stops all ranks together
-    (``needs_rank_sync``).
+    ``expected_samples`` (default: the dataset size) sets the epoch length. With a selection, each
+    worker reads its shards once and the per-rank sample counts differ; the training loop then keeps
+    every rank stepping until each has delivered its whole share (``needs_rank_sync``).
     """
     wds = oc.wds
     skip_counter = skip_counter or SkipCounter()
@@ -331,7 +356,8 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
         wds.decode("pilrgb", handler=handler),
         wds.rename(image="jpg;png;jpeg;webp", text="txt"),
         wds.map(_ApplyTransform(transform, handler), handler=handler),
-        wds.batched(args.batch_size, partial=False, collation_fn=default_collate),
+        wds.batched(args.batch_size, partial=False, collation_fn=default_collate) if selection is None
+        else _PaddedBatches(args.batch_size),
     ])
     dataset = wds.DataPipeline(*pipeline)
     if not resampled:
@@ -345,7 +371,9 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     num_worker_batches = math.ceil(num_batches / num_workers)
     num_batches = num_worker_batches * num_workers
     num_samples = num_batches * global_batch
-    dataset = dataset.with_epoch(num_worker_batches)
+    if selection is None:
+        dataset = dataset.with_epoch(num_worker_batches)
+    # with a selection each worker reads its shards once; the batch count above is an estimate
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
                            persistent_workers=persistent and args.workers > 0)
     loader.num_batches = num_batches

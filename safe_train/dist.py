@@ -53,12 +53,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_int(value: int, op: str = "sum") -> int:
+def all_reduce_ints(values: list[int], op: str = "sum") -> list[int]:
+    """Element-wise reduction of a few integers across ranks ("sum", "min" or "max")."""
     if not is_initialized() or dist.get_world_size() == 1:
-        return int(value)
-    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+        return [int(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.int64, device=_comm_device())
     dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-    return int(tensor.item())
+    return [int(v) for v in tensor.tolist()]
+
+
+def all_reduce_int(value: int, op: str = "sum") -> int:
+    return all_reduce_ints([value], op)[0]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -186,14 +186,26 @@ class Engine:
         return base_steps * epoch + (base_steps * position) // epoch_steps
 
     def _batches(self, ctx: TrainContext, info: LoaderInfo) -> Iterator[Any]:
-        """The loader's batches; with uneven per-rank streams, all ranks stop when any runs dry."""
+        """The loader's batches, with every rank taking the same number of steps.
+
+        Streams whose per-rank lengths differ (webdataset selections) are equalised like
+        DistributedSampler pads: a rank that has delivered its whole share starts over (repeats)
+        until every rank has delivered its share; nothing selected is skipped.
+        """
         if not (info.needs_rank_sync and ctx.distributed):
             yield from info.dataloader
             return
         iterator = iter(info.dataloader)
+        finished = False
         while True:
             batch = next(iterator, None)
-            if dist.all_reduce_int(0 if batch is None else 1, op="min") == 0:
+            if batch is None:
+                finished = True
+                iterator = iter(info.dataloader)
+                batch = next(iterator, None)
+            empty_somewhere, unfinished_somewhere = dist.all_reduce_ints(
+                [int(batch is None), int(not finished)], op="max")
+            if empty_somewhere or not unfinished_somewhere:
                 return
             yield batch
 

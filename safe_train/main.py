@@ -17,6 +17,8 @@ from safe_train.callbacks import create_callbacks
 from safe_train.data import DataError
 from safe_train.defenses import create_defense
 from safe_train.engine import Engine
+from safe_train.evaluate import EvaluationError
+from safe_train.manifest import ManifestError
 from safe_train.model_configs import register_model_configs
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         with oc.patched_openclip(get_train_data=engine.get_train_data, train_one_epoch=engine.train_one_epoch,
                                  after_evaluate=engine.after_evaluate, on_parsed_args=engine.on_parsed_args):
             return oc.run_openclip_main(upstream_argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, EvaluationError, ManifestError) as e:
         logging.getLogger("safe_train").error(str(e))
         print(f"safe-train: error: {e}", file=sys.stderr)
         return 2

