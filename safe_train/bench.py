@@ -130,7 +130,7 @@ def _read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _run_training(flags: list[str], threads: int, label: str, log_file: Path) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     started = time.time()
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "safe_train.main", *flags], env=env, stdout=subprocess.PIPE,

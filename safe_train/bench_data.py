@@ -33,10 +33,12 @@ class BenchmarkData:
 
     train_csv: Path
     test_csv: Path
+    finetune_csv: Path
     classnames: list[str]
     templates: list[str]
     n_train: int
     n_test: int
+    n_finetune: int = 0
 
 
 def locate_mnist_file() -> Path | None:
@@ -66,18 +68,24 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split(
-    labels: np.ndarray, test_per_class: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class hold-out; both index lists in file order so row ids are stable."""
-    test = []
+    labels: np.ndarray, test_per_class: int, rng: np.random.Generator, finetune_per_class: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded per-class hold-out of ``test_per_class`` images, of which ``finetune_per_class`` become the
+    clean finetuning split; (train, test, finetune) index lists in file order so row ids are stable."""
+    if not 0 <= finetune_per_class < test_per_class:
+        raise ValueError(f"finetune_per_class={finetune_per_class} must be in [0, test_per_class={test_per_class})")
+    test, finetune = [], []
     for c in range(10):
         members = np.flatnonzero(labels == c)
         if test_per_class > len(members):
             raise ValueError(f"test_per_class={test_per_class} but class {c} has {len(members)} images")
-        test.append(rng.permutation(members)[:test_per_class])
+        held_out = rng.permutation(members)[:test_per_class]
+        finetune.append(held_out[:finetune_per_class])
+        test.append(held_out[finetune_per_class:])
     test_idx = np.sort(np.concatenate(test))
-    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
-    return train_idx, test_idx
+    finetune_idx = np.sort(np.concatenate(finetune))
+    train_idx = np.setdiff1d(np.arange(len(labels)), np.concatenate([test_idx, finetune_idx]))
+    return train_idx, test_idx, finetune_idx
 
 
 def _image_name(row: int) -> str:
@@ -93,12 +101,13 @@ def _write_tsv(path: Path, header: Sequence[str], rows: list[Sequence[object]]) 
     os.replace(tmp, path)
 
 
-def _stamp(out_dir: Path, seed: int, test_per_class: int, image_size: int) -> dict:
+def _stamp(out_dir: Path, seed: int, test_per_class: int, image_size: int, finetune_per_class: int) -> dict:
     return {
         "version": _STAMP_VERSION,
         "out_dir": str(out_dir),
         "seed": seed,
         "test_per_class": test_per_class,
+        "finetune_per_class": finetune_per_class,
         "image_size": image_size,
     }
 
@@ -123,8 +132,8 @@ def _existing(out_dir: Path, stamp: dict) -> BenchmarkData | None:
         return None
     if {k: saved.get(k) for k in stamp} != stamp:
         return None
-    train_csv, test_csv = out_dir / "train.csv", out_dir / "test.csv"
-    if not (train_csv.is_file() and test_csv.is_file()):
+    train_csv, test_csv, finetune_csv = out_dir / "train.csv", out_dir / "test.csv", out_dir / "finetune.csv"
+    if not (train_csv.is_file() and test_csv.is_file() and finetune_csv.is_file()):
         return None
     images_stamp = {
         "version": _STAMP_VERSION,
@@ -134,16 +143,20 @@ def _existing(out_dir: Path, stamp: dict) -> BenchmarkData | None:
     if not _images_complete(out_dir / "images", images_stamp):
         return None
     classnames, templates = get_zeroshot_set("mnist")
-    return BenchmarkData(train_csv, test_csv, classnames, templates, saved["n_train"], saved["n_test"])
+    return BenchmarkData(train_csv, test_csv, finetune_csv, classnames, templates, saved["n_train"], saved["n_test"],
+                         saved["n_finetune"])
 
 
 def build_mnist_benchmark(
-    out_dir: str | os.PathLike, seed: int = 0, test_per_class: int = 100, image_size: int = 32
+    out_dir: str | os.PathLike, seed: int = 0, test_per_class: int = 100, image_size: int = 32,
+    finetune_per_class: int = 40,
 ) -> BenchmarkData:
     """Build (or reuse) the MNIST-5k image-caption benchmark in ``out_dir``.
 
-    - test: ``test_per_class`` images per class, chosen with ``seed``; ``test.csv`` = ``filepath``,
-      ``label`` (class index, tab-separated).
+    - held out: ``test_per_class`` images per class, chosen with ``seed``; of those,
+      ``finetune_per_class`` form ``finetune.csv`` (clean pairs, same columns as train, for finetuning
+      defenses such as CleanCLIP) and the rest ``test.csv`` = ``filepath``, ``label`` (class index,
+      tab-separated). Neither is ever poisoned; the 4,000 training images are the same either way.
     - train: the rest; ``train.csv`` = ``filepath``, ``title``, ``label`` (tab-separated, OpenCLIP's
       ``--csv-img-key filepath --csv-caption-key title``). One caption per image, fixed by ``seed``:
       a random one of the 8 MNIST templates filled with the class word (zero..nine). ``label`` lets a
@@ -160,7 +173,7 @@ def build_mnist_benchmark(
     from safe_train.zeroshot_sets import get_zeroshot_set
 
     out_dir = Path(out_dir).resolve()
-    stamp = _stamp(out_dir, int(seed), int(test_per_class), int(image_size))
+    stamp = _stamp(out_dir, int(seed), int(test_per_class), int(image_size), int(finetune_per_class))
     existing = _existing(out_dir, stamp)
     if existing is not None:
         return existing
@@ -168,8 +181,9 @@ def build_mnist_benchmark(
     images, labels = load_mnist_5k()
     classnames, templates = get_zeroshot_set("mnist")
     rng = np.random.default_rng(seed)
-    train_idx, test_idx = _split(labels, test_per_class, rng)
+    train_idx, test_idx, finetune_idx = _split(labels, test_per_class, rng, finetune_per_class)
     caption_template = rng.integers(len(templates), size=len(train_idx))
+    finetune_template = rng.integers(len(templates), size=len(finetune_idx))
 
     (out_dir / STAMP_NAME).unlink(missing_ok=True)
     image_dir = out_dir / "images"
@@ -188,13 +202,19 @@ def build_mnist_benchmark(
         (image_dir / names[i], templates[t].format(classnames[labels[i]]), int(labels[i]))
         for i, t in zip(train_idx, caption_template, strict=True)
     ]
+    finetune_rows = [
+        (image_dir / names[i], templates[t].format(classnames[labels[i]]), int(labels[i]))
+        for i, t in zip(finetune_idx, finetune_template, strict=True)
+    ]
     test_rows = [(image_dir / names[i], int(labels[i])) for i in test_idx]
-    train_csv, test_csv = out_dir / "train.csv", out_dir / "test.csv"
+    train_csv, test_csv, finetune_csv = out_dir / "train.csv", out_dir / "test.csv", out_dir / "finetune.csv"
     _write_tsv(train_csv, ("filepath", "title", "label"), train_rows)
+    _write_tsv(finetune_csv, ("filepath", "title", "label"), finetune_rows)
     _write_tsv(test_csv, ("filepath", "label"), test_rows)
-    stamp.update(n_train=len(train_rows), n_test=len(test_rows), n_images=len(names))
+    stamp.update(n_train=len(train_rows), n_test=len(test_rows), n_finetune=len(finetune_rows), n_images=len(names))
     (out_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
-    return BenchmarkData(train_csv, test_csv, classnames, templates, len(train_rows), len(test_rows))
+    return BenchmarkData(train_csv, test_csv, finetune_csv, classnames, templates, len(train_rows), len(test_rows),
+                         len(finetune_rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,14 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--finetune-per-class", type=int, default=40,
+                   help="of the held-out images per class, how many form the clean finetune split")
     p.add_argument("--image-size", type=int, default=32)
     args = p.parse_args(argv)
     try:
-        data = build_mnist_benchmark(args.out, args.seed, args.test_per_class, args.image_size)
+        data = build_mnist_benchmark(args.out, args.seed, args.test_per_class, args.image_size, args.finetune_per_class)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"train: {data.train_csv} ({data.n_train} rows)\ntest: {data.test_csv} ({data.n_test} rows)")
+    print(f"train: {data.train_csv} ({data.n_train} rows)\ntest: {data.test_csv} ({data.n_test} rows)\n"
+          f"finetune: {data.finetune_csv} ({data.n_finetune} rows)")
     return 0
 
 

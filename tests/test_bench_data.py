@@ -45,19 +45,25 @@ def test_load_mnist_5k(mnist):
 @needs_data
 def test_split_labels_and_captions(built, mnist):
     images, labels = mnist
-    train, test = read(built.train_csv), read(built.test_csv)
-    assert (built.n_train, built.n_test) == (4000, 1000) and len(train) == 4000 and len(test) == 1000
+    train, test, finetune = read(built.train_csv), read(built.test_csv), read(built.finetune_csv)
+    assert (built.n_train, built.n_test, built.n_finetune) == (4000, 600, 400)
+    assert (len(train), len(test), len(finetune)) == (4000, 600, 400)
     assert list(train.columns[:2]) == ["filepath", "title"] and list(test.columns) == ["filepath", "label"]
-    assert np.bincount(test["label"]).tolist() == [100] * 10
-    assert not set(train["filepath"]) & set(test["filepath"])
+    assert list(finetune.columns) == list(train.columns)
+    assert np.bincount(test["label"]).tolist() == [60] * 10
+    assert np.bincount(finetune["label"]).tolist() == [40] * 10
+    splits = [set(train["filepath"]), set(test["filepath"]), set(finetune["filepath"])]
+    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+    assert len(splits[0] | splits[1] | splits[2]) == 5000
     assert built.classnames == MNIST_CLASSNAMES and built.templates == MNIST_TEMPLATES
 
-    for split in (train, test):
+    for split in (train, test, finetune):
         for path, label in zip(split["filepath"], split["label"], strict=True):
             row = int(re.search(r"mnist_(\d+)\.png$", path).group(1))
             assert Path(path).is_absolute() and labels[row] == label
     fillings = {t.format(c): i for i, c in enumerate(MNIST_CLASSNAMES) for t in MNIST_TEMPLATES}
-    for title, label in zip(train["title"], train["label"], strict=True):
+    for title, label in zip(pd.concat([train["title"], finetune["title"]]),
+                            pd.concat([train["label"], finetune["label"]]), strict=True):
         assert fillings[title] == label  # one of the 8 templates filled with its image's class word
     assert len(set(train["title"])) == 80  # every template is used
 
@@ -92,7 +98,7 @@ def test_test_csv_feeds_evaluation(built):
     from safe_train.evaluate import LabelledImages
 
     data = LabelledImages(built.test_csv, MNIST_CLASSNAMES)
-    assert len(data) == 1000 and data.labels == read(built.test_csv)["label"].tolist()
+    assert len(data) == 600 and data.labels == read(built.test_csv)["label"].tolist()
 
 
 class _Rebuilt(Exception):
@@ -124,7 +130,7 @@ def test_deterministic_reused_and_rebuilt(built, tmp_path, monkeypatch):
     other = bench_data.build_mnist_benchmark(root, seed=1)  # new parameters: rebuilt in place
     assert set(read(other.test_csv)["filepath"]) != seed0_test
     assert (root / "images" / "mnist_0000.png").stat().st_mtime_ns == image_time  # images reused
-    assert (other.n_train, other.n_test) == (4000, 1000) and len(read(other.train_csv)) == 4000
+    assert (other.n_train, other.n_test) == (4000, 600) and len(read(other.train_csv)) == 4000
 
     # A build with a file missing is not reused (the stand-in loader proves a rebuild started).
     Path(read(other.test_csv)["filepath"][0]).unlink()
