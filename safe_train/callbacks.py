@@ -137,6 +137,47 @@ def add_callback_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Poison manifest: also measure the attack success rate of its trigger.")
     group.add_argument("--eval-every", type=int, default=1, metavar="N", help="Evaluate every N epochs (and at the end).")
     group.add_argument("--eval-batch-size", type=int, default=256)
+    add_detection_arguments(parser)
+
+
+def build_parser_for_detection() -> argparse.ArgumentParser:
+    """A parser with only the detection flags (benchmarks, tests)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_detection_arguments(parser)
+    return parser
+
+
+def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The in-loop detector's flags (docs/detection.md)."""
+    from safe_train.detection.scores import DETECTORS
+
+    group = parser.add_argument_group("safe-train in-loop detection")
+    group.add_argument("--detect", default=None, metavar="NAMES",
+                       help=f"Score every training sample with these detectors, comma-separated "
+                            f"({', '.join(DETECTORS)}); from the training step's embeddings, no extra forward pass.")
+    group.add_argument("--detect-reference", default="batch", choices=("batch", "global"),
+                       help="batch: against the gathered global batch's images and captions (the paper's setting); "
+                            "global: at the epoch end, against the epoch's embeddings or a random reference sample "
+                            "(--detect-reference-size).")
+    group.add_argument("--detect-k", type=int, default=None, metavar="K",
+                       help="Neighbourhood size for every detector (default: kdist/slof/dao 16, lid 64).")
+    group.add_argument("--detect-metric", default="l2", choices=("l2", "cosine"),
+                       help="Distance between (L2-normalised, as OpenCLIP's forward returns them) embeddings.")
+    group.add_argument("--detect-backend", default="torch", choices=("torch", "faiss"), help="kNN backend.")
+    group.add_argument("--detect-action", default="log", choices=("log", "drop"),
+                       help="log: record scores only; drop: exclude the top --detect-drop-fraction from later epochs.")
+    group.add_argument("--detect-drop-fraction", type=float, default=None, metavar="F",
+                       help="With --detect-action drop: the fraction of the scored samples to drop (0 < F < 1).")
+    group.add_argument("--detect-drop-epoch", type=int, default=1, metavar="E",
+                       help="Drop once, after the first detection epoch >= E (0-based; default 1: the model of "
+                            "epoch 0 has barely learnt anything).")
+    group.add_argument("--detect-every", type=int, default=1, metavar="N",
+                       help="Detect in every N-th epoch (epochs N-1, 2N-1, ...).")
+    group.add_argument("--detect-manifest", default=None, metavar="manifest.json",
+                       help="Poison manifest: log AUROC / PR-AUC / FPR@95 of every detector per epoch.")
+    group.add_argument("--detect-reference-size", type=int, default=None, metavar="M",
+                       help="Global reference: a random sample of M pairs (default: the whole epoch). Keep "
+                            "M x poison rate below k, or poisons become each other's neighbours.")
 
 
 def create_callbacks(args: argparse.Namespace) -> list[Callback]:
@@ -148,4 +189,51 @@ def create_callbacks(args: argparse.Namespace) -> list[Callback]:
         if isinstance(zeroshot_set, str) and "," in zeroshot_set:
             args.eval_zeroshot_set = zeroshot_set.split(",")
         callbacks.append(ZeroShotEvaluation(args))
+    if getattr(args, "detect", None):
+        _check_detection_args(args)
+        callbacks.append(DetectionCallback(args))
+    elif any(getattr(args, name, default) != default for name, default in _DETECTION_DEFAULTS.items()):
+        from safe_train.args import ConfigError
+
+        raise ConfigError("--detect-* flags need --detect NAMES (e.g. --detect kdist)")
     return callbacks
+
+
+_DETECTION_DEFAULTS = {"detect_reference": "batch", "detect_k": None, "detect_action": "log",
+                       "detect_drop_fraction": None, "detect_manifest": None, "detect_reference_size": None}
+
+
+def _check_detection_args(args: argparse.Namespace) -> None:
+    """One clear error per bad combination (exit status 2 via ConfigError)."""
+    from safe_train.args import ConfigError
+    from safe_train.detection.knn import faiss_available
+    from safe_train.detection.scores import parse_detectors
+
+    try:
+        parse_detectors(args.detect)
+    except ValueError as e:
+        raise ConfigError(f"--detect: {e}") from None
+    if args.detect_k is not None and args.detect_k < 1:
+        raise ConfigError(f"--detect-k must be >= 1, got {args.detect_k}")
+    if args.detect_every < 1:
+        raise ConfigError(f"--detect-every must be >= 1, got {args.detect_every}")
+    if args.detect_action == "drop":
+        fraction = args.detect_drop_fraction
+        if fraction is None or not 0 < fraction < 1:
+            raise ConfigError(f"--detect-action drop needs --detect-drop-fraction F with 0 < F < 1, got {fraction}")
+    elif args.detect_drop_fraction is not None:
+        raise ConfigError("--detect-drop-fraction needs --detect-action drop")
+    if args.detect_reference_size is not None:
+        if args.detect_reference != "global":
+            raise ConfigError("--detect-reference-size needs --detect-reference global")
+        if args.detect_reference_size < 2:
+            raise ConfigError(f"--detect-reference-size must be >= 2, got {args.detect_reference_size}")
+    if args.detect_backend == "faiss" and not faiss_available():
+        raise ConfigError("--detect-backend faiss needs faiss (pip install faiss-cpu)")
+    if args.detect_manifest and not os.path.isfile(args.detect_manifest) and not os.path.isdir(args.detect_manifest):
+        raise ConfigError(f"--detect-manifest: {args.detect_manifest} not found")
+
+
+from safe_train.detection.callback import DetectionCallback  # noqa: E402  (detection imports nothing from here)
+
+register_callback(DetectionCallback)

@@ -4,6 +4,7 @@
     safe-train train [...]      training (python -m safe_train.main; use torchrun/srun for several processes)
     safe-train poison [...]     write a poisoned dataset + manifest (python -m safe_train.poison)
     safe-train evaluate [...]   clean accuracy / ASR / detection metrics (python -m safe_train.evaluate)
+    safe-train detect [...]     score a dataset for poisoned samples, write a blocklist (python -m safe_train.detect)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "train": "safe_train.main",
     "poison": "safe_train.poison",
     "evaluate": "safe_train.evaluate",
+    "detect": "safe_train.detect",
 }
 
 

@@ -138,16 +138,20 @@ class EpochSeededSampler(Sampler[int]):
 
     Every rank draws the same permutation from (seed, epoch, salt), truncates it to whole global
     batches and takes its own strided share, so all ranks run the same number of steps.
+    ``complete=True`` instead pads the permutation with its own beginning to whole global batches
+    (every position at least once, as DistributedSampler pads): for inference passes that must
+    see every sample.
     """
 
     def __init__(self, positions: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, salt: int = 0) -> None:
+                 seed: int = 0, salt: int = 0, complete: bool = False) -> None:
         self.positions = np.asarray(positions, dtype=np.int64)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.salt = salt
+        self.complete = complete
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,7 +159,10 @@ class EpochSeededSampler(Sampler[int]):
 
     @property
     def num_batches(self) -> int:
-        return len(self.positions) // (self.batch_size * self.world_size)
+        global_batch = self.batch_size * self.world_size
+        if self.complete:
+            return -(-len(self.positions) // global_batch)
+        return len(self.positions) // global_batch
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
@@ -163,7 +170,10 @@ class EpochSeededSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch, self.salt])
         order = self.positions[rng.permutation(len(self.positions))]
-        order = order[: self.num_batches * self.batch_size * self.world_size]
+        wanted = self.num_batches * self.batch_size * self.world_size
+        if wanted > len(order) and len(order):
+            order = np.resize(order, wanted)  # repeats from the start
+        order = order[:wanted]
         return iter(order[self.rank:: self.world_size].tolist())
 
 
@@ -186,26 +196,27 @@ class LoaderInfo:
 
 def csv_loader(args, transform: SampleTransform, *, selection: Selection | None = None,
                upstream_order: bool = False, salt: int = 0, skip_counter: SkipCounter | None = None,
-               dataset: IdCsvDataset | None = None) -> LoaderInfo:
+               dataset: IdCsvDataset | None = None, complete: bool = False) -> LoaderInfo:
     """A training loader over a CSV file.
 
     ``upstream_order=True`` reproduces OpenCLIP's sampling exactly (RandomSampler from the global
     RNG, or DistributedSampler), which is what ``--defense none`` uses; otherwise the order is an
-    :class:`EpochSeededSampler` over the selected samples.
+    :class:`EpochSeededSampler` over the selected samples (``complete``: pad instead of dropping the
+    last partial batch, for inference passes).
     """
     skip_counter = skip_counter or SkipCounter()
     dataset = dataset or IdCsvDataset(args.train_data, transform, args.csv_img_key, args.csv_caption_key,
                                       args.csv_separator, skip_counter)
     dataset.transform = transform
     dataset.skip_counter = skip_counter
-    if upstream_order and selection is None:
+    if upstream_order and selection is None and not complete:
         sampler = torch.utils.data.distributed.DistributedSampler(dataset) if args.distributed else None
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                             num_workers=args.workers, pin_memory=True, drop_last=True, collate_fn=default_collate)
         num_samples = len(dataset)
     else:
         sampler = EpochSeededSampler(dataset.positions(selection), args.batch_size, args.rank, args.world_size,
-                                     args.seed, salt)
+                                     args.seed, salt, complete=complete)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                             pin_memory=True, drop_last=True, collate_fn=default_collate)
         num_samples = len(sampler.positions)

@@ -77,3 +77,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a detached tensor of the same shape from every rank along dim 0 (rank order)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    device = _comm_device()
+    local = tensor.detach().to(device).contiguous()
+    received = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(received, local)
+    return torch.cat(received).to(tensor.device)

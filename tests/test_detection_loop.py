@@ -1,0 +1,232 @@
+"""In-loop detection (``--detect``), its 2-rank behaviour, and the standalone ``safe_train.detect`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PYTHON, REPO, base_env, train_flags
+from helpers import load_table, run_safe_train
+
+from safe_train.args import load_id_list
+from safe_train.detection.scores import batch_scores
+
+LAUNCH = str(Path(__file__).parent / "launch.py")
+
+
+@pytest.fixture(scope="module")
+def poisoned_csv(csv_64, tmp_path_factory) -> tuple[Path, Path]:
+    """The 64-digit CSV with 4 BadNets poisons (target zero): (train.csv, manifest.json)."""
+    from safe_train.poison import main as poison_main
+
+    out = tmp_path_factory.mktemp("poisoned") / "p"
+    assert poison_main([str(csv_64), str(out), "--attack", "badnets", "--count", "4", "--target", "zero",
+                        "--templates", "mnist", "--image-size", "32", "--seed", "0"]) == 0
+    return out / "train.csv", out / "manifest.json"
+
+
+def _torchrun(ranks: int, *args: str) -> list[str]:
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+
+
+# ---- scores of a gathered global batch ------------------------------------------------------------
+
+GATHER_WORKER = textwrap.dedent("""
+    import sys, argparse
+    import numpy as np, torch, torch.distributed as tdist
+    from safe_train import dist
+    from safe_train.detection.callback import DetectionCallback
+    from safe_train.interface import StepOutput, TrainContext, TrainPass
+    from safe_train.state import SampleTable
+
+    tdist.init_process_group("gloo")
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    data = np.load(sys.argv[1])
+    per = len(data["ids"]) // world
+    mine = slice(rank * per, (rank + 1) * per)
+    args = argparse.Namespace(detect="kdist,slof,lid,dao,iforest,clip", detect_reference="batch", detect_k=5,
+                              detect_metric="l2", detect_backend="torch", detect_action="log",
+                              detect_drop_fraction=None, detect_drop_epoch=1, detect_every=1,
+                              detect_reference_size=None, detect_manifest=None, seed=0)
+    cb = DetectionCallback(args)
+    ctx = TrainContext(args=args, table=SampleTable(), rank=rank, world_size=world)
+    cb.setup(ctx)
+    features = {"image_features": torch.from_numpy(data["image"][mine]),
+                "text_features": torch.from_numpy(data["text"][mine])}
+    cb.on_step_end(ctx, StepOutput(TrainPass(), torch.from_numpy(data["ids"][mine]), features, {}, 0))
+    ctx.table.sync(dist.gather_arrays)
+    np.savez(sys.argv[2] + f"_{rank}.npz", ids=ctx.table.ids,
+             **{n: np.asarray(ctx.table["score_" + n]) for n in cb.detectors})
+    tdist.destroy_process_group()
+""")
+
+
+def test_two_rank_gathered_batch_scores_equal_single_process(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 24, 8
+    image = rng.normal(size=(n, d)).astype(np.float32)
+    text = (image + rng.normal(scale=0.3, size=(n, d))).astype(np.float32)
+    ids = rng.permutation(1000)[:n].astype(np.int64)
+    np.savez(tmp_path / "batch.npz", ids=ids, image=image, text=text)
+    (tmp_path / "worker.py").write_text(GATHER_WORKER)
+    proc = subprocess.run(_torchrun(2, str(tmp_path / "worker.py"), str(tmp_path / "batch.npz"), str(tmp_path / "out")),
+                          env=base_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = batch_scores(image, text, ["kdist", "slof", "lid", "dao", "iforest", "clip"], k=5, seed=0)
+    order = np.argsort(ids)
+    results = [np.load(tmp_path / f"out_{r}.npz") for r in range(2)]
+    for name, values in expected.items():
+        for result in results:
+            np.testing.assert_array_equal(result["ids"], ids[order])
+            np.testing.assert_allclose(result[name], values[order], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(results[0][name], results[1][name])
+
+
+# ---- in-loop runs -----------------------------------------------------------------------------------
+
+
+def test_in_loop_batch_detection_logs_and_drops(poisoned_csv, tmp_path):
+    train, manifest = poisoned_csv
+    flags = train_flags(train, tmp_path, "d", epochs=2, batch_size=16, extra=[
+        "--track-samples", "--detect", "kdist,slof,lid", "--detect-manifest", str(manifest),
+        "--detect-action", "drop", "--detect-drop-fraction", "0.25", "--detect-drop-epoch", "0"])
+    assert run_safe_train(flags) == 0
+    run = tmp_path / "d"
+    table = load_table(run, 2)
+    for epoch in (0, 1):
+        saved = np.load(run / "detection" / f"epoch_{epoch}_scores.npz")
+        assert set(saved.files) >= {"sample_id", "score", "score_kdist", "score_slof", "score_lid"}
+        assert np.isfinite(saved["score"]).all()
+        assert (run / "detection" / f"epoch_{epoch}_hist.png").stat().st_size > 0
+    # epoch 0 scored all 64; 16 dropped; epoch 1 trained (and scored) only the other 48
+    dropped = table.ids[table["dropped"]]
+    assert len(dropped) == 16
+    np.testing.assert_array_equal(table["times_seen"][table["dropped"]], 1)
+    np.testing.assert_array_equal(table["times_seen"][~table["dropped"]], 2)
+    assert (table["score_epoch"][table["dropped"]] == 0).all() and (table["score_epoch"][~table["dropped"]] == 1).all()
+    written = load_id_list(run / "detection" / "dropped_epoch_0.csv")
+    np.testing.assert_array_equal(np.sort(written), dropped)
+    epoch0 = np.load(run / "detection" / "epoch_0_scores.npz")
+    top = epoch0["sample_id"][np.argsort(-epoch0["score_kdist"], kind="stable")[:16]]
+    assert set(top.tolist()) == set(dropped.tolist())
+    log_text = (run / "out.log").read_text()
+    assert "detect_kdist_auroc" in log_text and "detect_dropped: 16" in log_text
+
+
+def test_in_loop_global_reference(poisoned_csv, tmp_path):
+    train, manifest = poisoned_csv
+    flags = train_flags(train, tmp_path, "g", epochs=1, batch_size=16, extra=[
+        "--detect", "kdist,dao", "--detect-reference", "global", "--detect-reference-size", "32",
+        "--detect-k", "4", "--detect-manifest", str(manifest)])
+    assert run_safe_train(flags) == 0
+    table = load_table(tmp_path / "g", 1)
+    assert len(table) == 64 and np.isfinite(table["score_kdist"]).all() and (table["score_epoch"] == 0).all()
+    assert "detect_dao_auroc" in (tmp_path / "g" / "out.log").read_text()
+
+
+def test_two_rank_drop_is_identical_on_every_rank(poisoned_csv, tmp_path):
+    train, manifest = poisoned_csv
+    flags = train_flags(train, tmp_path, "r2", epochs=2, batch_size=8, extra=[
+        "--track-samples", "--detect", "kdist", "--detect-manifest", str(manifest), "--detect-action", "drop",
+        "--detect-drop-fraction", "0.25", "--detect-drop-epoch", "0"])
+    proc = subprocess.run(_torchrun(2, LAUNCH, *flags), env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "r2"
+    log_text = (run / "out.log").read_text()
+    # the engine hashes the table on every rank after every epoch and fails on any difference
+    assert log_text.count("per-sample state identical on 2 ranks") == 2
+    table = load_table(run, 2)
+    dropped = table["dropped"]
+    assert dropped.sum() == 16
+    np.testing.assert_array_equal(table["times_seen"][dropped], 1)
+    np.testing.assert_array_equal(table["times_seen"][~dropped], 2)
+    # every rank scored its own half of each global batch: all 64 samples have an epoch-0 score
+    epoch0 = np.load(run / "detection" / "epoch_0_scores.npz")
+    assert len(epoch0["sample_id"]) == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--detect", "kdist,nope"], "unknown detector"),
+    (["--detect", "kdist", "--detect-action", "drop"], "--detect-drop-fraction"),
+    (["--detect-k", "4"], "need --detect"),
+    (["--detect", "kdist", "--detect-reference-size", "10"], "--detect-reference global"),
+])
+def test_bad_detection_flags_fail_clearly(argv, message, csv_64, tmp_path, capsys):
+    assert run_safe_train(train_flags(csv_64, tmp_path, "bad", extra=argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- the standalone command -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(poisoned_csv, tmp_path_factory) -> Path:
+    train, _ = poisoned_csv
+    logs = tmp_path_factory.mktemp("trained")
+    assert run_safe_train(train_flags(train, logs, "t", epochs=1, batch_size=16)) == 0
+    return logs / "t" / "checkpoints" / "epoch_1.pt"
+
+
+def _detect(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "safe_train.detect", *argv], env=base_env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("reference", ["batch", "global"])
+def test_detect_cli_end_to_end(reference, poisoned_csv, trained, tmp_path):
+    train, manifest = poisoned_csv
+    out = tmp_path / "det"
+    proc = _detect("--model", "st-tiny-vit", "--checkpoint", str(trained), "--train-data", str(train),
+                   "--dataset-type", "csv", "--out", str(out), "--detectors", "kdist,slof,lid,dao,iforest,clip",
+                   "--reference", reference, "--k", "4", "--reference-batch-size", "32", "--batch-size", "16",
+                   "--top-fraction", "0.125", "--manifest", str(manifest), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_samples"] == 64 and report["num_poisoned"] == 4
+    assert set(report["metrics"]) == {"kdist", "slof", "lid", "dao", "iforest", "clip"}
+    assert all(0 <= m["auroc"] <= 1 for m in report["metrics"].values())
+    blocked = load_id_list(out / "blocklist.txt")
+    scores = np.load(out / "scores.npz")
+    np.testing.assert_array_equal(scores["sample_id"], np.arange(64))
+    top = np.sort(scores["sample_id"][np.lexsort((scores["sample_id"], -scores["score"]))[:8]])
+    np.testing.assert_array_equal(blocked, top)
+    assert (out / "scores.csv").read_text().startswith("sample_id,kdist,slof")
+    # the blocklist feeds a retraining run
+    assert run_safe_train(train_flags(train, tmp_path, "re", epochs=1, batch_size=8,
+                                      extra=["--track-samples", "--blocklist", str(out / "blocklist.txt")])) == 0
+    table = load_table(tmp_path / "re", 1)
+    assert not np.isin(blocked, table.ids[table["times_seen"] > 0]).any()
+
+
+def test_detect_cli_webdataset_ids_match_training(wds_4x16, tmp_path):
+    logs = tmp_path / "logs"
+    assert run_safe_train(train_flags(wds_4x16, logs, "w", epochs=1, batch_size=16, dataset_type="webdataset",
+                                      workers=1, extra=["--track-samples"])) == 0
+    proc = _detect("--model", "st-tiny-vit", "--checkpoint", str(logs / "w" / "checkpoints" / "epoch_1.pt"),
+                   "--train-data", wds_4x16, "--out", str(tmp_path / "det"), "--detectors", "kdist",
+                   "--reference", "global", "--reference-size", "20", "--k", "4", "--threshold", "1e9",
+                   "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = np.load(tmp_path / "det" / "scores.npz")
+    np.testing.assert_array_equal(np.sort(scores["sample_id"]), load_table(logs / "w", 1).ids)
+    assert len(load_id_list(tmp_path / "det" / "blocklist.txt")) == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--checkpoint": "missing.pt"}, "checkpoint not found"),
+    ({"--detectors": "kdist,bogus"}, "unknown detector"),
+    ({"--top-fraction": "1.5"}, "--top-fraction"),
+    ({"--train-data": "nope.csv"}, "not found"),
+])
+def test_detect_cli_bad_input(change, message, poisoned_csv, trained, tmp_path):
+    train, _ = poisoned_csv
+    argv = {"--model": "st-tiny-vit", "--checkpoint": str(trained), "--train-data": str(train),
+            "--out": str(tmp_path / "o"), "--detectors": "kdist", "--top-fraction": "0.1"}
+    argv.update(change)
+    proc = _detect(*[t for kv in argv.items() for t in kv])
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

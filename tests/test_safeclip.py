@@ -1,0 +1,314 @@
+"""SafeCLIP: the mixture split, the growing safe set, the loss terms, and real training runs (1 and 2 ranks,
+CSV and webdataset, resume mid-schedule)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, base_env, train_flags
+from helpers import load_table, run_safe_train
+
+import safe_train.main as st_main
+from safe_train.args import build_parser
+from safe_train.defenses.safeclip import SafeClip, _FeatureBank, choose_safe, fit_similarity_mixture
+from safe_train.interface import Callback, TrainContext, TrainPass
+from safe_train.losses import GatherSpec, clip_loss, contrastive_ce
+from safe_train.state import SampleTable
+
+WARMUP = ["--defense", "safeclip", "--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-warmup-epochs", "1",
+          "--safeclip-multimodal-lr", "1e-4"]
+
+
+def _defense(*flags: str) -> SafeClip:
+    ours, _ = build_parser().parse_known_args(["--defense", "safeclip", *flags])
+    return SafeClip(ours)
+
+
+# ---- the mixture and the split ----------------------------------------------------------------
+def test_mixture_separates_known_components():
+    rng = np.random.default_rng(0)
+    low, high = rng.normal(0.1, 0.03, 900), rng.normal(0.6, 0.03, 100)
+    similarity = np.concatenate([low, high])
+    posterior, params = fit_similarity_mixture(similarity)
+    assert params["means"][0] == pytest.approx(0.6, abs=0.01) and params["means"][1] == pytest.approx(0.1, abs=0.01)
+    assert params["stds"][0] == pytest.approx(0.03, abs=0.01) and params["weights"][0] == pytest.approx(0.1, abs=0.01)
+    safe = choose_safe(posterior, None, 0.9)
+    np.testing.assert_array_equal(safe, np.arange(1000) >= 900)  # exactly the high component
+    # a subset fit (large-N path) gives the same decision
+    posterior_sub, _ = fit_similarity_mixture(similarity, max_fit_samples=300, seed=3)
+    np.testing.assert_array_equal(choose_safe(posterior_sub, None, 0.9), safe)
+
+
+def test_choose_safe_top_ratio_is_deterministic_on_ties():
+    posterior = np.array([0.2, 0.9, 0.9, 0.5, 0.9, 0.1], dtype=np.float32)
+    np.testing.assert_array_equal(choose_safe(posterior, 0.5, 0.9), [False, True, True, False, True, False])
+    np.testing.assert_array_equal(choose_safe(posterior, 0.34, 0.9), [False, True, True, False, False, False])
+    assert not choose_safe(posterior, 0.0, 0.9).any()
+
+
+def _fake_ctx(n: int, epochs: int = 10) -> TrainContext:
+    args = argparse.Namespace(epochs=epochs, seed=0, rank=0, world_size=1)
+    ctx = TrainContext(args=args, table=SampleTable())
+    ctx.table.register(np.arange(100, 100 + n))
+    return ctx
+
+
+def test_safe_set_grows_as_specified():
+    defense = _defense("--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-warmup-epochs", "1",
+                       "--safeclip-ratio-step", "0.05", "--safeclip-max-ratio", "0.3")
+    ctx = _fake_ctx(1000)
+    for name, dtype, fill in (("similarity", np.float32, np.nan), ("safe_posterior", np.float32, np.nan),
+                              ("safe", bool, False)):
+        ctx.table.add_column(name, dtype, fill)
+    rng = np.random.default_rng(1)
+    ctx.table["similarity"][:] = np.concatenate([rng.normal(0.1, 0.03, 800), rng.normal(0.6, 0.03, 200)])
+
+    assert [p.mode for p in defense.plan_epoch(ctx, 0)] == ["unimodal"]
+    assert [(p.mode, p.lr_override) for p in defense.plan_epoch(ctx, 1)] == [("multimodal", 5e-6), ("similarity", None)]
+    ratios, safe_sets = [], []
+    for epoch in range(2, 8):
+        ctx.epoch = epoch - 1
+        defense.on_epoch_end(ctx)  # split for `epoch`
+        ratios.append(defense.ratio)
+        safe_sets.append(set(ctx.table.ids[ctx.table["safe"]].tolist()))
+        passes = defense.plan_epoch(ctx, epoch)
+        assert [(p.name, p.mode, p.train) for p in passes] == [("risky", "unimodal", True), ("safe", "clip", True),
+                                                               ("similarity", "similarity", False)]
+        np.testing.assert_array_equal(passes[1].selection.ids, ctx.table.ids[ctx.table["safe"]])
+        np.testing.assert_array_equal(passes[0].selection.ids, ctx.table.ids[~ctx.table["safe"]])
+    assert ratios[0] == pytest.approx(0.2)  # first split: posterior >= 0.9 = the 200 high-similarity samples
+    assert ratios[1:] == pytest.approx([0.25, 0.3, 0.3, 0.3, 0.3])  # +0.05 per epoch, capped at 0.3
+    assert [len(s) for s in safe_sets] == [200, 250, 300, 300, 300, 300]
+    assert all(a <= b for a, b in zip(safe_sets, safe_sets[1:], strict=False))  # fixed similarities: it only grows
+    # the last epoch plans no similarity pass (no split follows it)
+    assert defense.plan_epoch(ctx, 9)[-1].mode == "clip"
+
+
+def test_inloop_mode_plans_no_inference_pass():
+    defense = _defense("--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-warmup-epochs", "1",
+                       "--safeclip-similarity", "inloop")
+    ctx = _fake_ctx(10)
+    assert all(p.train for epoch in (0, 1) for p in defense.plan_epoch(ctx, epoch))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--safeclip-unimodal-warmup-epochs", "0", "--safeclip-multimodal-warmup-epochs", "0"], "at least one warmup"),
+    (["--safeclip-threshold", "1.5"], "threshold"),
+])
+def test_bad_settings_are_config_errors(flags, message):
+    from safe_train.args import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _defense(*flags)
+
+
+# ---- loss terms ---------------------------------------------------------------------------------
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _hand_ce(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> float:
+    """Mean over rows of -log softmax(scale · q_i · K)[i], written out with exp and log."""
+    total = 0.0
+    for i in range(len(queries)):
+        logits = [scale * float(queries[i] @ keys[j]) for j in range(len(keys))]
+        total += -(logits[i] - np.log(np.sum(np.exp(logits))))
+    return total / len(queries)
+
+
+def test_loss_terms_match_hand_computation():
+    i1, i2, t1, t2 = (_unit(4, 3, s) for s in range(4))
+    scale = torch.tensor(7.0)
+    assert float(contrastive_ce(i2, i1, scale)) == pytest.approx(_hand_ce(i2, i1, 7.0), rel=1e-5)
+    assert float(clip_loss(i1, t2, scale)) == pytest.approx((_hand_ce(i1, t2, 7.0) + _hand_ce(t2, i1, 7.0)) / 2, rel=1e-5)
+
+    defense = _defense()
+    features = {"image_features": i1, "text_features": t2, "image_view2_features": i2, "text_view1_features": t1,
+                "logit_scale": scale}
+    uni = defense.compute_loss(None, features, TrainPass(mode="unimodal"), None)
+    assert list(uni) == ["unimodal_loss"]
+    assert float(uni["unimodal_loss"]) == pytest.approx((_hand_ce(i2, i1, 7.0) + _hand_ce(t2, t1, 7.0)) / 2, rel=1e-5)
+    mm = defense.compute_loss(None, features, TrainPass(mode="multimodal"), None)
+    expected = (_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7) + _hand_ce(i2, t1, 7) + _hand_ce(t1, i2, 7)) / 4
+    assert float(mm["multimodal_loss"]) == pytest.approx(expected, rel=1e-5)
+
+    def base_loss(image_features, text_features, logit_scale, output_dict):
+        return {"contrastive_loss": clip_loss(image_features, text_features, logit_scale)}
+
+    safe = defense.compute_loss(None, features, TrainPass(mode="clip"), base_loss)
+    assert float(safe["clip_loss"]) == pytest.approx((_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7)) / 2, rel=1e-5)
+
+
+def test_memory_bank_nearest_neighbour_and_fifo():
+    bank = _FeatureBank(size=4, dim=3, seed=0)
+    bank.features = torch.eye(4, 3)[[0, 1, 2, 0]]  # e0 e1 e2 e0
+    queries = F.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 1.0]]), dim=-1)
+    torch.testing.assert_close(bank.nearest(queries), torch.eye(3)[[0, 2]])
+    bank.enqueue(torch.full((3, 3), 5.0))
+    assert bank.pointer == 3 and (bank.features[:3] == 5).all() and (bank.features[3] == torch.eye(3)[0]).all()
+    bank.enqueue(torch.full((2, 3), 7.0))  # wraps around
+    assert bank.pointer == 1 and (bank.features[3] == 7).all() and (bank.features[0] == 7).all()
+
+    defense = _defense("--safeclip-memory-bank", "4")
+    defense.banks = {"image": _FeatureBank(4, 3, 0), "text": _FeatureBank(4, 3, 1)}
+    i1, i2, t1, t2 = (_unit(2, 3, s) for s in range(4))
+    features = {"image_features": i1, "text_features": t2, "image_view2_features": i2, "text_view1_features": t1,
+                "logit_scale": torch.tensor(3.0)}
+    loss = defense.compute_loss(None, features, TrainPass(mode="unimodal"), None)["unimodal_loss"]
+    a, b = defense.banks["image"].nearest(i1), defense.banks["text"].nearest(t1)
+    assert float(loss) == pytest.approx((_hand_ce(i2, a, 3.0) + _hand_ce(t2, b, 3.0)) / 2, rel=1e-5)
+
+
+def _gathered_worker(rank: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    q, k = _unit(6, 4, 10), _unit(6, 4, 11)
+    q.requires_grad_(True)
+    local = slice(rank * 3, rank * 3 + 3)
+    spec = GatherSpec(rank=rank, world_size=2)
+    ce = contrastive_ce(q[local], k[local], torch.tensor(5.0), spec)
+    clip = clip_loss(q[local], k[local], torch.tensor(5.0), spec)
+    torch.save({"ce": float(ce), "clip": float(clip)}, f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_gathered_two_rank_loss_equals_single_process(tmp_path):
+    torch.multiprocessing.spawn(_gathered_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    q, k = _unit(6, 4, 10), _unit(6, 4, 11)
+    single_ce = float(contrastive_ce(q, k, torch.tensor(5.0)))
+    single_clip = float(clip_loss(q, k, torch.tensor(5.0)))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert got["ce"] == pytest.approx(single_ce, rel=1e-5) and got["clip"] == pytest.approx(single_clip, rel=1e-5)
+
+
+# ---- real training runs -----------------------------------------------------------------------------
+class _StepRecorder(Callback):
+    name = "test_step_recorder"
+
+    def __init__(self, sink: list) -> None:
+        self.sink = sink
+
+    def on_step_end(self, ctx, step) -> None:
+        self.sink.append((ctx.epoch, step.pass_.name, {k: round(v, 6) for k, v in step.losses.items()}))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAtEpoch(Callback):
+    name = "test_kill"
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, ctx) -> None:
+        if ctx.epoch == self.epoch:
+            raise _Killed()
+
+
+def _with_callbacks(monkeypatch, *extra: Callback) -> None:
+    original = st_main.create_callbacks
+    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + list(extra))
+
+
+def _splits(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "safeclip" / "splits.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
+    flags = WARMUP + ["--safeclip-ratio-step", "0.1", "--safeclip-memory-bank", "16"]
+    straight: list = []
+    _with_callbacks(monkeypatch, _StepRecorder(straight))
+    assert run_safe_train(train_flags(csv_64, tmp_path, "straight", epochs=5, batch_size=16, extra=flags)) == 0
+    passes = [(epoch, name) for epoch, name, _ in straight]
+    assert passes[:4] == [(0, "unimodal")] * 4 and passes[4:8] == [(1, "multimodal")] * 4
+    assert {name for epoch, name in passes if epoch >= 2} <= {"risky", "safe"}
+    terms = {name: set(losses) for _, name, losses in straight}
+    assert terms["unimodal"] == {"unimodal_loss", "loss"} and terms["multimodal"] == {"multimodal_loss", "loss"}
+    assert terms["safe"] == {"clip_loss", "loss"}
+
+    splits = _splits(tmp_path / "straight")
+    assert [s["epoch"] for s in splits] == [2, 3, 4] and splits[0]["first_split"]
+    assert [s["safe_ratio"] for s in splits[1:]] == pytest.approx([min(splits[0]["safe_ratio"] + 0.1 * k, 0.85)
+                                                                  for k in (1, 2)])
+    for split in splits:  # one step per full batch of each subset (OpenCLIP drops the last partial batch)
+        steps = [name for epoch, name in passes if epoch == split["epoch"]]
+        assert steps.count("safe") == split["num_safe"] // 16
+        assert steps.count("risky") == (64 - split["num_safe"]) // 16
+    assert any(name == "safe" for _, name in passes)
+    assert (tmp_path / "straight" / "safeclip" / "split_epoch_2.png").stat().st_size > 1000
+    table = load_table(tmp_path / "straight", 4)
+    assert np.isfinite(table["similarity"]).all() and table["safe"].sum() == splits[-1]["num_safe"]
+
+    # kill at the start of epoch 3 (after the first split), resume: the same losses, split and weights
+    killed: list = []
+    original = _original_create_callbacks()
+    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + [_StepRecorder(killed), _KillAtEpoch(3)])
+    with pytest.raises(_Killed):
+        run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=5, batch_size=16, extra=flags))
+    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + [_StepRecorder(killed)])
+    assert run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=5, batch_size=16,
+                                      extra=flags + ["--resume", "latest"])) == 0
+    assert [p[:2] for p in killed] == [p[:2] for p in straight]
+    for (_, _, a), (_, _, b) in zip(killed, straight, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    resumed = load_table(tmp_path / "killed", 4)
+    np.testing.assert_array_equal(resumed["safe"], table["safe"])
+    np.testing.assert_allclose(resumed["similarity"], table["similarity"], rtol=1e-4, atol=1e-5)
+    assert [s["num_safe"] for s in _splits(tmp_path / "killed")][-2:] == [s["num_safe"] for s in splits][-2:]
+
+
+def _original_create_callbacks():
+    from safe_train.callbacks import create_callbacks
+
+    return create_callbacks
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_inloop_similarity_on_webdataset(wds_4x16, tmp_path):
+    flags = WARMUP + ["--safeclip-similarity", "inloop", "--train-num-samples", "64"]
+    assert run_safe_train(train_flags(wds_4x16, tmp_path, "wds", epochs=3, batch_size=16, dataset_type="webdataset",
+                                      extra=flags)) == 0
+    splits = _splits(tmp_path / "wds")
+    assert [s["epoch"] for s in splits] == [2] and splits[0]["num_samples"] == 64
+    log = (tmp_path / "wds" / "out.log").read_text()
+    assert "[similarity] inference" not in log and ("[risky]" in log or "[safe]" in log)
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_two_ranks_make_identical_decisions(csv_64, tmp_path):
+    """Two gloo ranks: the engine's per-epoch hash check fails the run if the split differs across ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "safe_train.main", *train_flags(csv_64, tmp_path, "ddp", epochs=4, batch_size=8, workers=2,
+                                                 extra=WARMUP + ["--safeclip-memory-bank", "8", "--dist-backend", "gloo"])]
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
+    output = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "torch/_" not in line)
+    assert proc.returncode == 0, output[-4000:]
+    log = (tmp_path / "ddp" / "out.log").read_text()
+    assert log.count("per-sample state identical on 2 ranks") == 4
+    splits = _splits(tmp_path / "ddp")
+    assert [s["epoch"] for s in splits] == [2, 3] and all(s["num_samples"] == 64 for s in splits)
+    table = load_table(tmp_path / "ddp", 4)
+    assert table["safe"].sum() == splits[-1]["num_safe"]
+
+
+def test_inference_sampler_covers_every_sample_on_every_rank_count():
+    """The similarity pass pads its last batch instead of dropping it: every sample gets a similarity."""
+    from safe_train.data import EpochSeededSampler
+
+    positions = np.arange(37)
+    for world in (1, 2, 3):
+        shares = [list(EpochSeededSampler(positions, 8, rank, world, seed=0, complete=True)) for rank in range(world)]
+        assert len({len(s) for s in shares}) == 1 and len(shares[0]) % 8 == 0  # equal, whole batches
+        assert set().union(*map(set, shares)) == set(range(37))
+        dropping = [list(EpochSeededSampler(positions, 8, rank, world, seed=0)) for rank in range(world)]
+        assert len(set().union(*map(set, dropping))) < 37  # the training sampler drops the partial batch
