@@ -242,16 +242,35 @@ def eda_clean(text: str) -> str:
     return " ".join(_NON_LETTERS.sub(" ", text).split())
 
 
+_WORDNET_PID: int | None = None
+
+
+def _wordnet():
+    """nltk's WordNet reader, with its data files reopened in every new process.
+
+    The reader keeps its data files open and seeks in them; a data-loader worker forked after the parent
+    read WordNet shares those file descriptions, offsets included, with its sibling workers, and their
+    interleaved seeks corrupt each other's reads (synsets come back as None). Each process opens its own.
+    """
+    global _WORDNET_PID
+    from nltk.corpus import wordnet
+
+    pid = os.getpid()
+    if _WORDNET_PID != pid:
+        wordnet.synsets  # noqa: B018 (loads the lazy corpus reader, so the attribute below is its own)
+        wordnet._data_file_map = {}
+        _WORDNET_PID = pid
+    return wordnet
+
+
 @functools.lru_cache(maxsize=65536)
 def wordnet_synonyms(word: str) -> tuple[str, ...]:
     """WordNet synonyms of ``word`` over all parts of speech, cleaned like EDA output, itself excluded.
 
     Order is WordNet's (synset rank, then lemma order), so draws from it are reproducible.
     """
-    from nltk.corpus import wordnet
-
     out: dict[str, None] = {}
-    for synset in wordnet.synsets(word):
+    for synset in _wordnet().synsets(word):
         for lemma in synset.lemma_names():
             synonym = eda_clean(lemma)
             if synonym and synonym != word:

