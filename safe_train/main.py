@@ -13,6 +13,7 @@ import torch
 
 from safe_train import openclip_compat as oc
 from safe_train.args import ConfigError, build_parser, expand_configs, load_id_list
+from safe_train.augment import WordNetMissingError
 from safe_train.callbacks import create_callbacks
 from safe_train.data import DataError
 from safe_train.defenses import create_defense
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         with oc.patched_openclip(get_train_data=engine.get_train_data, train_one_epoch=engine.train_one_epoch,
                                  after_evaluate=engine.after_evaluate, on_parsed_args=engine.on_parsed_args):
             return oc.run_openclip_main(upstream_argv)
-    except (ConfigError, DataError, EvaluationError, ManifestError) as e:
+    except (ConfigError, DataError, EvaluationError, ManifestError, WordNetMissingError) as e:
         logging.getLogger("safe_train").error(str(e))
         print(f"safe-train: error: {e}", file=sys.stderr)
         return 2

@@ -312,3 +312,14 @@ def test_inference_sampler_covers_every_sample_on_every_rank_count():
         assert set().union(*map(set, shares)) == set(range(37))
         dropping = [list(EpochSeededSampler(positions, 8, rank, world, seed=0)) for rank in range(world)]
         assert len(set().union(*map(set, dropping))) < 37  # the training sampler drops the partial batch
+
+
+def test_missing_wordnet_is_one_clear_error(csv_64, tmp_path, monkeypatch, capsys):
+    import safe_train.augment as augment
+
+    def missing() -> None:
+        raise augment.WordNetMissingError("nltk's WordNet corpus was not found; run install-wordnet")
+
+    monkeypatch.setattr(augment, "ensure_wordnet", missing)
+    assert run_safe_train(train_flags(csv_64, tmp_path, "nownet", extra=WARMUP)) == 2
+    assert "WordNet corpus was not found" in capsys.readouterr().err
