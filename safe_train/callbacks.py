@@ -112,15 +112,10 @@ class ZeroShotEvaluation(Callback):
             if result.get(key) is not None:
                 ctx.log_metric(f"eval_{key}", result[key])
         result.update({"epoch": completed, "attack": self.attack, "manifest": self.manifest_path})
-        log_dir = getattr(ctx.args, "log_base_path", None) or _run_dir(ctx.args)
+        log_dir = ctx.run_dir
         if log_dir:
             with open(os.path.join(log_dir, "evaluations.jsonl"), "a") as f:
                 f.write(json.dumps(result) + "\n")
-
-
-def _run_dir(args: argparse.Namespace) -> str | None:
-    checkpoint_path = getattr(args, "checkpoint_path", None)
-    return os.path.dirname(checkpoint_path) if checkpoint_path else None
 
 
 def add_callback_arguments(parser: argparse.ArgumentParser) -> None:

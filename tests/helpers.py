@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from safe_train.interface import Callback
+
 
 @contextlib.contextmanager
 def recording_losses() -> Iterator[list[float]]:
@@ -61,3 +63,28 @@ def load_table(run_dir: Path, epoch: int | str):
     table = SampleTable()
     table.load(run_dir / "checkpoints" / f"epoch_{epoch}.safe_train" / "table")
     return table
+
+
+class Killed(Exception):
+    """Raised by :class:`KillAtEpoch`: stands in for a run killed between epochs."""
+
+
+class KillAtEpoch(Callback):
+    """Stops a run at the start of ``epoch`` (after the previous epoch's checkpoint and sidecar)."""
+
+    name = "test_kill"
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, ctx) -> None:
+        if ctx.epoch == self.epoch:
+            raise Killed()
+
+
+def with_callbacks(monkeypatch, *extra: Callback) -> None:
+    """The run's own callbacks plus ``extra`` (replacing extras given earlier in the test)."""
+    import safe_train.main as st_main
+    from safe_train.callbacks import create_callbacks
+
+    monkeypatch.setattr(st_main, "create_callbacks", lambda args: create_callbacks(args) + list(extra))

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import train_flags
-from helpers import load_state_dict, run_safe_train
+from helpers import KillAtEpoch, Killed, load_state_dict, run_safe_train, with_callbacks
 
-import safe_train.main as st_main
 from safe_train.defenses.cleanclip import CleanClip, cleanclip_losses
 from safe_train.interface import Callback
 
@@ -104,21 +103,6 @@ class _Recorder(Callback):
         self.sink.append((step.losses["clip_loss"], step.losses["ss_loss"]))
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAtEpoch(Callback):
-    name = "test_kill"
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, ctx) -> None:
-        if ctx.epoch == self.epoch:
-            raise _Killed()
-
-
 @pytest.fixture(scope="module")
 def poisoned_checkpoint(csv_64, tmp_path_factory):
     """A model trained 1 epoch with --defense none: what CleanCLIP finetunes."""
@@ -127,17 +111,11 @@ def poisoned_checkpoint(csv_64, tmp_path_factory):
     return logs / "base" / "checkpoints" / "epoch_1.pt"
 
 
-_CREATE_CALLBACKS = st_main.create_callbacks
-
-
-def _with_callbacks(monkeypatch, *extra: Callback) -> None:
-    """The run's callbacks plus ``extra`` (replacing extras given earlier in the test)."""
-    monkeypatch.setattr(st_main, "create_callbacks", lambda args: _CREATE_CALLBACKS(args) + list(extra))
 
 
 def test_finetune_from_checkpoint_logs_both_terms(csv_64, poisoned_checkpoint, tmp_path, monkeypatch):
     steps: list = []
-    _with_callbacks(monkeypatch, _Recorder(steps))
+    with_callbacks(monkeypatch, _Recorder(steps))
     flags = train_flags(csv_64, tmp_path, "ft", epochs=1,
                         extra=["--defense", "cleanclip", "--pretrained", str(poisoned_checkpoint), "--lr", "1e-4"])
     assert run_safe_train(flags) == 0
@@ -182,7 +160,7 @@ def test_accum_freq_gives_the_same_training_as_one_big_batch(csv_64, tmp_path):
 
 def test_webdataset_amp_accum_run(wds_4x16, tmp_path, monkeypatch):
     steps: list = []
-    _with_callbacks(monkeypatch, _Recorder(steps))
+    with_callbacks(monkeypatch, _Recorder(steps))
     flags = train_flags(wds_4x16, tmp_path, "wds", epochs=1, dataset_type="webdataset",
                         extra=["--defense", "cleanclip", "--precision", "amp", "--accum-freq", "2"])
     assert run_safe_train(flags) == 0
@@ -192,15 +170,15 @@ def test_webdataset_amp_accum_run(wds_4x16, tmp_path, monkeypatch):
 def test_kill_and_resume_continues_as_if_uninterrupted(csv_64, poisoned_checkpoint, tmp_path, monkeypatch):
     extra = ["--defense", "cleanclip", "--pretrained", str(poisoned_checkpoint)]
     straight: list = []
-    _with_callbacks(monkeypatch, _Recorder(straight))
+    with_callbacks(monkeypatch, _Recorder(straight))
     assert run_safe_train(train_flags(csv_64, tmp_path, "straight", epochs=3, extra=extra)) == 0
 
     before: list = []
-    _with_callbacks(monkeypatch, _Recorder(before), _KillAtEpoch(2))
-    with pytest.raises(_Killed):
+    with_callbacks(monkeypatch, _Recorder(before), KillAtEpoch(2))
+    with pytest.raises(Killed):
         run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=3, extra=extra))
     after: list = []
-    _with_callbacks(monkeypatch, _Recorder(after))
+    with_callbacks(monkeypatch, _Recorder(after))
     assert run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=3, extra=extra + ["--resume", "latest"])) == 0
 
     assert len(straight) == 24 and len(before) == 16 and len(after) == 8

@@ -6,25 +6,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_flags
-from helpers import load_state_dict, load_table, recording_losses, run_safe_train
-
-import safe_train.main as st_main
-from safe_train.interface import Callback
-
-
-class _Killed(Exception):
-    pass
-
-
-class _KillAtEpoch(Callback):
-    name = "kill"
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, ctx) -> None:
-        if ctx.epoch == self.epoch:
-            raise _Killed()
+from helpers import (
+    KillAtEpoch,
+    Killed,
+    load_state_dict,
+    load_table,
+    recording_losses,
+    run_safe_train,
+    with_callbacks,
+)
 
 
 def test_resume_continues_as_if_uninterrupted(csv_64, tmp_path, monkeypatch):
@@ -32,11 +22,10 @@ def test_resume_continues_as_if_uninterrupted(csv_64, tmp_path, monkeypatch):
     with recording_losses() as straight:
         assert run_safe_train(train_flags(csv_64, tmp_path, "straight", epochs=3, extra=extra)) == 0
 
-    original = st_main.create_callbacks
-    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + [_KillAtEpoch(2)])
-    with recording_losses() as before_kill, pytest.raises(_Killed):
+    with_callbacks(monkeypatch, KillAtEpoch(2))
+    with recording_losses() as before_kill, pytest.raises(Killed):
         run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=3, extra=extra))
-    monkeypatch.setattr(st_main, "create_callbacks", original)
+    with_callbacks(monkeypatch)
     assert (tmp_path / "killed/checkpoints/epoch_2.safe_train/table").exists()
     with recording_losses() as after_resume:
         assert run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=3, extra=extra + ["--resume", "latest"])) == 0

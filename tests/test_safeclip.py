@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, base_env, train_flags
-from helpers import load_table, run_safe_train
+from helpers import KillAtEpoch, Killed, load_table, run_safe_train, with_callbacks
 
-import safe_train.main as st_main
 from safe_train.args import build_parser
 from safe_train.defenses.safeclip import SafeClip, _FeatureBank, choose_safe, fit_similarity_mixture
 from safe_train.interface import Callback, TrainContext, TrainPass
@@ -199,26 +198,6 @@ class _StepRecorder(Callback):
         self.sink.append((ctx.epoch, step.pass_.name, {k: round(v, 6) for k, v in step.losses.items()}))
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAtEpoch(Callback):
-    name = "test_kill"
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, ctx) -> None:
-        if ctx.epoch == self.epoch:
-            raise _Killed()
-
-
-def _with_callbacks(monkeypatch, *extra: Callback) -> None:
-    original = st_main.create_callbacks
-    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + list(extra))
-
-
 def _splits(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "safeclip" / "splits.jsonl").read_text().splitlines()]
 
@@ -227,7 +206,7 @@ def _splits(run_dir) -> list[dict]:
 def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
     flags = WARMUP + ["--safeclip-ratio-step", "0.1", "--safeclip-memory-bank", "16"]
     straight: list = []
-    _with_callbacks(monkeypatch, _StepRecorder(straight))
+    with_callbacks(monkeypatch, _StepRecorder(straight))
     assert run_safe_train(train_flags(csv_64, tmp_path, "straight", epochs=5, batch_size=16, extra=flags)) == 0
     passes = [(epoch, name) for epoch, name, _ in straight]
     assert passes[:4] == [(0, "unimodal")] * 4 and passes[4:8] == [(1, "multimodal")] * 4
@@ -251,11 +230,10 @@ def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
 
     # kill at the start of epoch 3 (after the first split), resume: the same losses, split and weights
     killed: list = []
-    original = _original_create_callbacks()
-    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + [_StepRecorder(killed), _KillAtEpoch(3)])
-    with pytest.raises(_Killed):
+    with_callbacks(monkeypatch, _StepRecorder(killed), KillAtEpoch(3))
+    with pytest.raises(Killed):
         run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=5, batch_size=16, extra=flags))
-    monkeypatch.setattr(st_main, "create_callbacks", lambda args: original(args) + [_StepRecorder(killed)])
+    with_callbacks(monkeypatch, _StepRecorder(killed))
     assert run_safe_train(train_flags(csv_64, tmp_path, "killed", epochs=5, batch_size=16,
                                       extra=flags + ["--resume", "latest"])) == 0
     assert [p[:2] for p in killed] == [p[:2] for p in straight]
@@ -265,12 +243,6 @@ def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed["safe"], table["safe"])
     np.testing.assert_allclose(resumed["similarity"], table["similarity"], rtol=1e-4, atol=1e-5)
     assert [s["num_safe"] for s in _splits(tmp_path / "killed")][-2:] == [s["num_safe"] for s in splits][-2:]
-
-
-def _original_create_callbacks():
-    from safe_train.callbacks import create_callbacks
-
-    return create_callbacks
 
 
 @pytest.mark.usefixtures("wordnet")

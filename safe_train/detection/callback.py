@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +158,7 @@ class DetectionCallback(Callback):
         scored = np.asarray(table["score_epoch"]) == ctx.epoch
         ids = table.ids[scored]
         scores = {name: np.asarray(table[f"score_{name}"])[scored] for name in self.detectors}
-        out_dir = _output_dir(ctx.args)
+        out_dir = Path(ctx.run_dir) / "detection" if ctx.run_dir else None
         if ctx.is_master and out_dir is not None and len(ids):
             out_dir.mkdir(parents=True, exist_ok=True)
             primary = scores[self.detectors[0]]
@@ -203,13 +202,6 @@ class DetectionCallback(Callback):
 
 
 # ---- outputs shared with the standalone command ---------------------------------------------------
-def _output_dir(args: argparse.Namespace) -> Path | None:
-    base = getattr(args, "log_base_path", None)
-    if not base and getattr(args, "checkpoint_path", None):
-        base = os.path.dirname(args.checkpoint_path)
-    return Path(base) / "detection" if base else None
-
-
 def score_metrics(scores: dict[str, np.ndarray], is_poisoned: np.ndarray) -> dict[str, dict[str, float]]:
     """AUROC / PR-AUC / FPR@95 per detector (empty when only one class is present)."""
     from safe_train.evaluate import detection_metrics
