@@ -10,6 +10,7 @@ counted in a :class:`SkipCounter` shared with the data-loader workers.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import multiprocessing
@@ -205,6 +206,9 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
     last partial batch, for inference passes).
     """
     skip_counter = skip_counter or SkipCounter()
+    if dataset is not None and dataset.transform is not transform:
+        # loaders of one epoch are built before any is read: each keeps its own transform
+        dataset = copy.copy(dataset)
     dataset = dataset or IdCsvDataset(args.train_data, transform, args.csv_img_key, args.csv_caption_key,
                                       args.csv_separator, skip_counter)
     dataset.transform = transform

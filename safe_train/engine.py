@@ -25,7 +25,15 @@ import torch
 from safe_train import dist
 from safe_train import openclip_compat as oc
 from safe_train.data import LoaderInfo, OpenClipTransform, SkipCounter, csv_loader, wds_loader
-from safe_train.interface import Callback, Defense, Selection, StepOutput, TrainContext, TrainPass
+from safe_train.interface import (
+    Callback,
+    Defense,
+    SampleTransform,
+    Selection,
+    StepOutput,
+    TrainContext,
+    TrainPass,
+)
 from safe_train.state import SampleTable, replace_dir
 
 log = logging.getLogger(__name__)
@@ -107,16 +115,19 @@ class Engine:
         return self.main_data
 
     def _build_loader(self, args, epoch: int, selection: Selection | None, salt: int, main: bool = False,
-                      expected: int | None = None, complete: bool = False) -> LoaderInfo:
+                      expected: int | None = None, complete: bool = False,
+                      transform: SampleTransform | None = None) -> LoaderInfo:
         counter = self.main_data.skip_counter if self.main_data is not None else SkipCounter()
+        transform = transform or self._transform
         if self.data_kind == "csv":
-            info = csv_loader(args, self._transform, selection=selection, upstream_order=main, salt=salt,
+            info = csv_loader(args, transform, selection=selection, upstream_order=main, salt=salt,
                               skip_counter=counter, dataset=self._csv_dataset, complete=complete)
-            self._csv_dataset = info.dataloader.dataset
+            if self._csv_dataset is None:
+                self._csv_dataset = info.dataloader.dataset
             if self.track_samples and len(self.ctx.table) == 0:
                 self.ctx.table.register(self._csv_dataset.ids)
             return info
-        return wds_loader(args, self._transform, epoch=epoch, selection=selection, skip_counter=counter,
+        return wds_loader(args, transform, epoch=epoch, selection=selection, skip_counter=counter,
                           expected_samples=expected, persistent=main)
 
     def _run_selection(self) -> Selection | None:
@@ -131,21 +142,22 @@ class Engine:
 
     def _pass_data(self, args, epoch: int, pass_: TrainPass, index: int) -> LoaderInfo:
         run_selection = self._run_selection()
-        if pass_.selection is None and run_selection is None and pass_.train:
+        transform = self.defense.pass_transform(self.ctx, pass_)
+        if pass_.selection is None and run_selection is None and pass_.train and transform is None:
             return self.main_data
         selection = _intersect(pass_.selection, run_selection)
         if not pass_.train:
             # an inference pass sees every selected sample (at least once): no dropped last batch
             selection = selection if selection is not None else Selection.excluding(np.zeros(0, np.int64))
             if self.data_kind == "csv":
-                return self._build_loader(args, epoch, selection, salt=1 + index, complete=True)
+                return self._build_loader(args, epoch, selection, salt=1 + index, complete=True, transform=transform)
         expected = None
-        if self.data_kind == "webdataset":
+        if self.data_kind == "webdataset" and selection is not None:
             base = self.main_data.dataloader.num_samples
             expected = len(selection.ids) if not selection.exclude else max(
                 base - int(self.ctx.table.contains(selection.ids).sum() if len(self.ctx.table) else len(selection.ids)),
                 0)
-        return self._build_loader(args, epoch, selection, salt=1 + index, expected=expected)
+        return self._build_loader(args, epoch, selection, salt=1 + index, expected=expected, transform=transform)
 
     # ---- the epoch ----------------------------------------------------------------------------
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,

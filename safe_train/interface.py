@@ -186,6 +186,11 @@ class Defense(Callback):
         """The per-sample transform of the training pipeline; None = OpenCLIP's (image, text)."""
         return None
 
+    def pass_transform(self, ctx: TrainContext, pass_: TrainPass) -> SampleTransform | None:
+        """A cheaper transform for one pass that reads only some of ``sample_transform``'s outputs
+        (e.g. one view instead of two); None = the run's transform."""
+        return None
+
     def plan_epoch(self, ctx: TrainContext, epoch: int) -> list[TrainPass]:
         """The passes of ``epoch``, in order. Default: one training pass over all samples."""
         return [TrainPass()]

@@ -295,3 +295,46 @@ def test_missing_wordnet_is_one_clear_error(csv_64, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(augment, "ensure_wordnet", missing)
     assert run_safe_train(train_flags(csv_64, tmp_path, "nownet", extra=WARMUP)) == 2
     assert "WordNet corpus was not found" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_pass_transforms_make_only_what_each_pass_reads():
+    """The safe and similarity passes build one view and one caption (not two), and forward reads only those."""
+    import open_clip
+    from PIL import Image
+
+    from safe_train.defenses.safeclip import PASS_OUTPUTS, SafeClipTransform
+    from safe_train.model_configs import register_model_configs
+
+    register_model_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms("st-tiny-vit")
+    tokenizer = open_clip.get_tokenizer("st-tiny-vit")
+    full = SafeClipTransform(preprocess, tokenizer, 32, eda_alpha=0.3, seed=0, crop_min_scale=0.5)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8))
+    caption = "a photo of the number seven written by hand on white paper."
+    everything = full(image, caption, 11)
+    assert set(everything) == set(SafeClipTransform.OUTPUTS)
+    model.eval()
+    model.output_dict = True
+    for safe_input, mode in (("views", "clip"), ("raw", "clip"), ("views", "similarity"), ("raw", "similarity")):
+        defense = _defense("--safeclip-safe-input", safe_input)
+        defense._transform = full
+        pass_ = TrainPass(mode=mode, train=mode != "similarity")
+        keys = PASS_OUTPUTS[defense._forward_kind(pass_)]
+        part = defense.pass_transform(None, pass_)(image, caption, 11)
+        assert set(part) == set(keys)
+        for key in keys:
+            if key in everything:  # captions are fixed per sample id, whichever pass makes them
+                if key.startswith("text"):
+                    torch.testing.assert_close(part[key], everything[key])
+        if safe_input == "raw":  # the pair itself: the raw caption's tokens, the image without a SimCLR view
+            torch.testing.assert_close(part["raw_text"], tokenizer([caption])[0])
+            torch.testing.assert_close(part["raw_image"], preprocess(image.convert("RGB")))
+        batch = {key: value.unsqueeze(0).repeat(2, *([1] * value.ndim)) for key, value in part.items()}
+        out = defense.forward(None, model, batch, pass_)
+        assert out["image_features"].shape == out["text_features"].shape == (2, 128)
+    for bad in ((), ("image", "caption")):
+        with pytest.raises(ValueError, match="subset"):
+            full.restricted(bad)
+        with pytest.raises(ValueError, match="subset"):
+            SafeClipTransform(preprocess, tokenizer, 32, 0.1, 0, outputs=bad)

@@ -34,6 +34,7 @@ pass and ignored the 0.85 cap when counting steps; neither is reproduced.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -50,34 +51,67 @@ from safe_train.interface import Defense, Selection, StepOutput, TrainContext, T
 from safe_train.losses import GatherSpec, clip_loss, contrastive_ce
 
 SIMILARITY_MODES = ("pass", "inloop")
+SAFE_INPUTS = ("views", "raw")
+# what each pass's forward reads (the safe pass per --safeclip-safe-input)
+PASS_OUTPUTS = {"clip": ("image", "text_view2"), "clip_raw": ("raw_image", "raw_text"), "similarity": ("image", "text"),
+                "similarity_raw": ("raw_image", "raw_text")}
 
 
 class SafeClipTransform:
     """(PIL image, caption, sample id) → two SimCLR views and two EDA captions of one sample.
 
     Picklable (data-loader workers). The views are redrawn every time the sample is read; the captions
-    are fixed per sample id for the whole run (the original computed them once).
+    are fixed per sample id for the whole run (the original computed them once). ``outputs`` restricts
+    what is made to the keys a pass reads (the safe pass needs one view and one caption, not two).
+    ``raw_image`` / ``raw_text`` are the pair itself, the image through ``raw_preprocess`` (OpenCLIP's
+    training preprocessing), for ``--safeclip-safe-input raw``; they are made only when asked for.
     """
 
+    OUTPUTS = ("image", "image_view2", "text", "text_view2")
+    RAW_OUTPUTS = ("raw_image", "raw_text")
+
     def __init__(self, preprocess: Callable, tokenizer: Callable, image_size: int, eda_alpha: float, seed: int,
-                 crop_min_scale: float = 0.08) -> None:
+                 crop_min_scale: float = 0.08, outputs: tuple[str, ...] = OUTPUTS,
+                 raw_preprocess: Callable | None = None) -> None:
         from safe_train.augment import EdaAugmenter, simclr_view
 
+        self.outputs = self._checked(outputs)
+        self.raw_preprocess = raw_preprocess or preprocess
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.view = simclr_view(image_size, crop_scale=(crop_min_scale, 1.0))
         self.eda = EdaAugmenter(alpha=eda_alpha, seed=seed)
 
+    @classmethod
+    def _checked(cls, outputs: tuple[str, ...]) -> tuple[str, ...]:
+        known = cls.OUTPUTS + cls.RAW_OUTPUTS
+        if not outputs or set(outputs) - set(known):
+            raise ValueError(f"SafeClipTransform outputs must be a non-empty subset of {known}, got {outputs}")
+        return tuple(outputs)
+
+    def restricted(self, outputs: tuple[str, ...], raw_preprocess: Callable | None = None) -> SafeClipTransform:
+        """The same transform making only ``outputs`` (the raw image through ``raw_preprocess`` if given)."""
+        other = copy.copy(self)
+        other.outputs = self._checked(outputs)
+        if raw_preprocess is not None:
+            other.raw_preprocess = raw_preprocess
+        return other
+
     def __call__(self, image: Any, caption: str, sample_id: int) -> dict[str, torch.Tensor]:
         image = image.convert("RGB")
-        captions = [self.eda(caption, sample_id, view=0), self.eda(caption, sample_id, view=1)]
-        tokens = self.tokenizer(captions)
-        return {
-            "image": self.preprocess(self.view(image)),
-            "image_view2": self.preprocess(self.view(image)),
-            "text": tokens[0],
-            "text_view2": tokens[1],
-        }
+        text_keys = [key for key in ("text", "text_view2") if key in self.outputs]
+        out: dict[str, torch.Tensor] = {}
+        if text_keys:
+            captions = [self.eda(caption, sample_id, view=0 if key == "text" else 1) for key in text_keys]
+            out.update(zip(text_keys, self.tokenizer(captions), strict=True))
+        for key in ("image", "image_view2"):
+            if key in self.outputs:
+                out[key] = self.preprocess(self.view(image))
+        if "raw_image" in self.outputs:
+            out["raw_image"] = self.raw_preprocess(image)
+        if "raw_text" in self.outputs:
+            out["raw_text"] = self.tokenizer([caption])[0]
+        return out
 
 
 def fit_similarity_mixture(similarity: np.ndarray, max_fit_samples: int = 1_000_000,
@@ -183,6 +217,10 @@ class SafeClip(Defense):
         group.add_argument("--safeclip-similarity", choices=SIMILARITY_MODES, default="pass",
                            help="pass: an inference pass over all samples before each split (the original); "
                                 "inloop: the similarity each sample's last training step computed (no extra pass).")
+        group.add_argument("--safeclip-safe-input", choices=SAFE_INPUTS, default="views",
+                           help="What the CLIP side works on: views (the original: the safe pass trains SimCLR view 1 "
+                                "with EDA caption 2, the similarity pass measures view 1 with caption 1) or raw (both "
+                                "use the pair itself, as --defense none; not in the original).")
         group.add_argument("--safeclip-memory-bank", type=int, default=0, metavar="SIZE",
                            help="Nearest-neighbour memory bank size for the unimodal loss (0 = plain views; the "
                                 "original recommends it, 256 in its code).")
@@ -208,6 +246,7 @@ class SafeClip(Defense):
         self.ratio_step = args.safeclip_ratio_step
         self.max_ratio = args.safeclip_max_ratio
         self.similarity_mode = args.safeclip_similarity
+        self.safe_input = args.safeclip_safe_input
         self.bank_size = args.safeclip_memory_bank
         self.eda_alpha = args.safeclip_eda_alpha
         self.crop_min_scale = args.safeclip_crop_min_scale
@@ -238,6 +277,7 @@ class SafeClip(Defense):
         self.banks: dict[str, _FeatureBank] = {}
         self._seed = 0
         self._gather = GatherSpec()
+        self._transform: SafeClipTransform | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
@@ -258,8 +298,20 @@ class SafeClip(Defense):
 
     def sample_transform(self, ctx: TrainContext) -> SafeClipTransform:
         image_size = _image_size(ctx.preprocess_val)
-        return SafeClipTransform(ctx.preprocess_val, ctx.tokenizer, image_size, self.eda_alpha, self._seed,
-                                 self.crop_min_scale)
+        self._transform = SafeClipTransform(ctx.preprocess_val, ctx.tokenizer, image_size, self.eda_alpha,
+                                            self._seed, self.crop_min_scale, raw_preprocess=ctx.preprocess_train)
+        return self._transform
+
+    def pass_transform(self, ctx: TrainContext, pass_: TrainPass) -> SafeClipTransform | None:
+        """The safe (CLIP) pass reads view 1 and caption 2, the similarity pass view 1 and caption 1; with
+        ``--safeclip-safe-input raw`` both read the raw pair (the similarity pass through the eval preprocessing)."""
+        kind = self._forward_kind(pass_)
+        needs = PASS_OUTPUTS.get(kind)
+        if needs is None:
+            return None
+        if self._transform is None:
+            self._transform = self.sample_transform(ctx)
+        return self._transform.restricted(needs, self._transform.preprocess if kind == "similarity_raw" else None)
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if self.bank_size and not self.banks:
@@ -303,11 +355,20 @@ class SafeClip(Defense):
         return passes
 
     # ---- forward and loss -----------------------------------------------------------------------
+    def _forward_kind(self, pass_: TrainPass) -> str:
+        """Which PASS_OUTPUTS entry a pass reads."""
+        if self.safe_input == "raw" and pass_.mode in ("clip", "similarity"):
+            return pass_.mode + "_raw"
+        return pass_.mode
+
     def forward(self, ctx: TrainContext, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 pass_: TrainPass) -> dict[str, torch.Tensor]:
-        if pass_.mode == "similarity":
+        kind = self._forward_kind(pass_)
+        if kind in ("clip_raw", "similarity_raw"):
+            return model(batch["raw_image"], batch["raw_text"])
+        if kind == "similarity":
             return model(batch["image"], batch["text"])
-        if pass_.mode == "clip":
+        if kind == "clip":
             return model(batch["image"], batch["text_view2"])
         n = len(batch["image"])
         out = model(torch.cat([batch["image"], batch["image_view2"]]), torch.cat([batch["text"], batch["text_view2"]]))
