@@ -328,7 +328,7 @@ class Engine:
             end = time.time()
             batch_count = i_accum + 1
             if ctx.is_master and (i_accum % args.log_every_n_steps == 0 or batch_count == num_batches_per_epoch):
-                batch_size = len(batch["image"])
+                batch_size = len(batch["sample_id"])
                 num_samples = batch_count * batch_size * accum * args.world_size
                 for key, val in losses.items():
                     losses_m.setdefault(key, _Meter()).update(val.item(), batch_size)

@@ -137,6 +137,9 @@ def test_loss_terms_match_hand_computation():
     mm = defense.compute_loss(None, features, TrainPass(mode="multimodal"), None)
     expected = (_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7) + _hand_ce(i2, t1, 7) + _hand_ce(t1, i2, 7)) / 4
     assert float(mm["multimodal_loss"]) == pytest.approx(expected, rel=1e-5)
+    raw = _defense("--safeclip-safe-input", "raw").compute_loss(
+        None, {"image_features": i1, "text_features": t2, "logit_scale": scale}, TrainPass(mode="multimodal"), None)
+    assert float(raw["multimodal_loss"]) == pytest.approx((_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7)) / 2, rel=1e-5)
 
     def base_loss(image_features, text_features, logit_scale, output_dict):
         return {"contrastive_loss": clip_loss(image_features, text_features, logit_scale)}
@@ -246,6 +249,27 @@ def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("wordnet")
+def test_raw_safe_input_trains_the_pairs_themselves(csv_64, tmp_path, monkeypatch):
+    """--safeclip-safe-input raw: a real run's safe and similarity passes read the raw pair (no views)."""
+    seen: list = []
+
+    class BatchKeys(Callback):
+        name = "test_batch_keys"
+
+        def on_step_end(self, ctx, step) -> None:
+            seen.append((step.pass_.name, step.losses.keys() - {"loss"}))
+
+    with_callbacks(monkeypatch, BatchKeys())
+    flags = WARMUP + ["--safeclip-safe-input", "raw", "--safeclip-threshold", "0.01"]
+    assert run_safe_train(train_flags(csv_64, tmp_path, "raw", epochs=4, batch_size=16, extra=flags)) == 0
+    splits = _splits(tmp_path / "raw")
+    assert [s["epoch"] for s in splits] == [2, 3] and splits[0]["num_safe"] >= 48  # threshold 0.01: most are safe
+    assert ("safe", {"clip_loss"}) in seen and ("multimodal", {"multimodal_loss"}) in seen
+    log = (tmp_path / "raw" / "out.log").read_text()
+    assert "[similarity] inference" in log
+
+
+@pytest.mark.usefixtures("wordnet")
 def test_inloop_similarity_on_webdataset(wds_4x16, tmp_path):
     flags = WARMUP + ["--safeclip-similarity", "inloop", "--train-num-samples", "64"]
     assert run_safe_train(train_flags(wds_4x16, tmp_path, "wds", epochs=3, batch_size=16, dataset_type="webdataset",
@@ -316,7 +340,8 @@ def test_pass_transforms_make_only_what_each_pass_reads():
     assert set(everything) == set(SafeClipTransform.OUTPUTS)
     model.eval()
     model.output_dict = True
-    for safe_input, mode in (("views", "clip"), ("raw", "clip"), ("views", "similarity"), ("raw", "similarity")):
+    for safe_input, mode in (("views", "clip"), ("raw", "clip"), ("views", "similarity"), ("raw", "similarity"),
+                             ("raw", "multimodal")):
         defense = _defense("--safeclip-safe-input", safe_input)
         defense._transform = full
         pass_ = TrainPass(mode=mode, train=mode != "similarity")

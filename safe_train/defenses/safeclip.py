@@ -54,7 +54,8 @@ SIMILARITY_MODES = ("pass", "inloop")
 SAFE_INPUTS = ("views", "raw")
 # what each pass's forward reads (the safe pass per --safeclip-safe-input)
 PASS_OUTPUTS = {"clip": ("image", "text_view2"), "clip_raw": ("raw_image", "raw_text"), "similarity": ("image", "text"),
-                "similarity_raw": ("raw_image", "raw_text")}
+                "similarity_raw": ("raw_image", "raw_text"), "multimodal_raw": ("raw_image", "raw_text")}
+RAW_KINDS = ("clip_raw", "similarity_raw", "multimodal_raw")  # forward the raw pair
 
 
 class SafeClipTransform:
@@ -218,9 +219,10 @@ class SafeClip(Defense):
                            help="pass: an inference pass over all samples before each split (the original); "
                                 "inloop: the similarity each sample's last training step computed (no extra pass).")
         group.add_argument("--safeclip-safe-input", choices=SAFE_INPUTS, default="views",
-                           help="What the CLIP side works on: views (the original: the safe pass trains SimCLR view 1 "
-                                "with EDA caption 2, the similarity pass measures view 1 with caption 1) or raw (both "
-                                "use the pair itself, as --defense none; not in the original).")
+                           help="What the CLIP side works on: views (the original: the multimodal warmup and the safe "
+                                "pass train SimCLR views with EDA captions, the similarity pass measures view 1 with "
+                                "caption 1) or raw (all three use the pair itself, as --defense none; the unimodal "
+                                "losses keep the views; not in the original).")
         group.add_argument("--safeclip-memory-bank", type=int, default=0, metavar="SIZE",
                            help="Nearest-neighbour memory bank size for the unimodal loss (0 = plain views; the "
                                 "original recommends it, 256 in its code).")
@@ -357,14 +359,14 @@ class SafeClip(Defense):
     # ---- forward and loss -----------------------------------------------------------------------
     def _forward_kind(self, pass_: TrainPass) -> str:
         """Which PASS_OUTPUTS entry a pass reads."""
-        if self.safe_input == "raw" and pass_.mode in ("clip", "similarity"):
+        if self.safe_input == "raw" and pass_.mode in ("clip", "similarity", "multimodal"):
             return pass_.mode + "_raw"
         return pass_.mode
 
     def forward(self, ctx: TrainContext, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 pass_: TrainPass) -> dict[str, torch.Tensor]:
         kind = self._forward_kind(pass_)
-        if kind in ("clip_raw", "similarity_raw"):
+        if kind in RAW_KINDS:
             return model(batch["raw_image"], batch["raw_text"])
         if kind == "similarity":
             return model(batch["image"], batch["text"])
@@ -389,6 +391,8 @@ class SafeClip(Defense):
                                                    text_features=features["text_features"], logit_scale=scale,
                                                    output_dict=True))}
         image1, text2 = features["image_features"], features["text_features"]
+        if pass_.mode == "multimodal" and self.safe_input == "raw":  # the raw pair: image1, text2 are I, T
+            return {"multimodal_loss": clip_loss(image1, text2, scale, self._gather)}
         image2, text1 = features["image_view2_features"], features["text_view1_features"]
         if pass_.mode == "multimodal":
             return {"multimodal_loss": (clip_loss(image1, text2, scale, self._gather)

@@ -19,7 +19,36 @@ Backends:
   most ``max_tile_elements`` entries, keeping a running top-k, so memory is O(tile + n·k), never
   O(n·m). Runs on CPU or CUDA (``device``). A self-join (the same tensor as query and reference with
   ``exclude_self`` and symmetric exclusions) computes each pair of tiles once and uses the block for
-  both; the per-block top-k is a two-stage exact selection (see ``_block_topk``).
+  both. ``precision`` picks how the blocks are computed (the result is exact either way):
+
+  - ``"fp32"``: ``d2 = |q|^2 + |r|^2 - 2 q.r`` by float32 GEMM, per-block two-stage exact top-k
+    (``_block_topk``). The expansion cancels for near-duplicates: distances much smaller than
+    ``|q|`` carry an absolute error of about ``2^-22 (|q|^2 + |r|^2)``.
+  - ``"bf16"``: a bfloat16 GEMM (AMX / AVX512-BF16 / tensor cores) finds candidates, which are
+    re-ranked exactly in float32 (``|q - r|^2``, difference form: no cancellation, so this mode is
+    *more* accurate than ``"fp32"``). Data are centred (c = mean of the reference; distances are
+    translation invariant) and split as ``x = xh + xl + xe`` (``xh, xl`` bf16), ``|x|^2 = sh + sl``;
+    one GEMM of ``3d + 4`` columns, accumulated in fp32, gives
+    ``v = bf16(-2 (qh.rh + qh.rl + ql.rh) + sq + sr) = d2 + err`` with
+    ``|err| <= E_q + 2^-8 |v|``, where ``E_q`` (``_error_bound``: Cauchy-Schwarz on the dropped terms
+    ``qh.re + ql.(r - rh) + qe.r``, the norm split, gamma_{3d+4} for the fp32 accumulation) is
+    about ``2^-12.6 |q||r|`` at d = 128 (``2^-11`` at d = 512; mostly the worst-case accumulation
+    term), next to the final rounding of ``v`` to bf16, ``2^-8 |v|``. Per query the ``kp = k + 8``
+    smallest ``v`` are kept (int16 bit patterns of ``v`` are compared; group minima prune blocks
+    against the running kp-th ``v``; rows are visited in a locality order (nearest of 256 pivots)
+    so that threshold is tight early). Exactness check per row: with ``D`` the exact k-th distance of
+    the re-ranked list, every reference left out has ``v >= v_kp``, hence
+    ``d >= sqrt(v_kp (1 - 2^-8) - E_q) - s_q`` (``s_q`` bounds the fp32 centring error); if that is
+    ``> D`` (with the fp32 rounding of the re-rank), no left-out reference can be among the k nearest,
+    and the re-ranked list is the exact answer (ties at the k-th distance: any of them). Rows that
+    fail (more ties or near-ties within ~2^-7 of the k-th squared distance than the list holds)
+    are retried with margins of 32 and 128; rows failing those (more than ``k + 128`` near-equal
+    candidates, e.g. a large group of duplicates) fall back to an fp32 search of ``k + 8``
+    candidates re-ranked exactly: for those rows the guarantee is the fp32 path's. Assumptions: the
+    GEMM accumulates in fp32 and rounds to nearest (oneDNN, cuBLAS with reduced-precision reduction
+    switched off during the call), no overflow or underflow. Extra memory: the bf16 split (about one
+    fp32 copy of query and reference) and up to ``FORM_CACHE_BYTES`` of GEMM operands. ``"auto"``
+    (default) is ``"bf16"`` on CPUs with native bf16 GEMMs (``bf16_is_fast``), else ``"fp32"``.
 - ``faiss``: ``flat`` (exact, IndexFlatL2 / IndexFlatIP) or ``ivf`` (IndexIVFFlat, approximate:
   ``nlist`` inverted lists, ``nprobe`` visited per query). Uses faiss-gpu when it is importable and
   ``device`` is CUDA. Searches ``k + e`` neighbours and removes the excluded ones afterwards.
@@ -28,6 +57,7 @@ Backends:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,7 +100,8 @@ def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: 
         nprobe: int = 8, seed: int = 0, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest reference rows of every query row: ``(distances [n, k] float32, indices [n, k] int64)``.
 
-    Both outputs are on the CPU. See the module docstring for metrics, exclusion and backends.
+    Both outputs are on the CPU. See the module docstring for metrics, exclusion, backends and
+    ``precision`` ("auto", "fp32", "bf16"; torch backend only, faiss ignores it).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
@@ -243,129 +274,202 @@ def _merge_topk(best_d: torch.Tensor, best_i: torch.Tensor, block: torch.Tensor,
 KEY_INF = 0x7F80  # bfloat16 +inf read as int16: excluded entries; finite values stay below it
 KEY_EMPTY = 0x7FFF  # an empty slot of a running candidate list (a NaN pattern, above KEY_INF)
 RHO = 2.0**-8  # round-to-nearest to bfloat16: |x - bf16(x)| <= 2^-8 |bf16(x)|
-CANDIDATE_MARGIN = 16  # candidates kept beyond k (grows x4 per retry for the rows the check rejects)
+CANDIDATE_MARGIN = 8  # candidates kept beyond k (x4 per retry, for the rows the check rejects)
 RETRIES = 2  # bf16 retries with a wider candidate list before the remaining rows go to the fp32 path
+LOCALITY_PIVOTS = 256  # cells of the visiting order of the bf16 search
+FORM_CACHE_BYTES = 1 << 28  # augmented rows of both sides built once up to this size, else per tile
+SPLIT_ELEMENTS = 1 << 22  # rows x columns per chunk when splitting the inputs into bf16
+RERANK_ELEMENTS = 1 << 18  # gathered candidate coordinates per re-rank chunk (1 MB of fp32: stays in cache)
 
 
 def bf16_is_fast(device: str | torch.device | None = None) -> bool:
-    """Whether bfloat16 GEMMs are native on ``device``: AMX / AVX512-BF16 CPUs, CUDA GPUs with bf16.
+    """Whether ``precision="auto"`` picks bf16: on CPUs with AMX or AVX512-BF16 (native bf16 GEMMs).
 
-    What ``precision="auto"`` switches on (CUDA only when asked for explicitly: its fp32 GEMM is not the
-    bottleneck there and the speed-up is unmeasured)."""
+    CUDA stays on fp32 under "auto": the bf16 path runs there when asked for explicitly, but it has been
+    neither timed nor tested on a GPU."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cpu":
         return False
-    cpu = torch.cpu
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def _split3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x = hi + lo + res`` with ``hi, lo`` bfloat16 and the fp32 residual ``res`` (all subtractions exact)."""
+class _Split(NamedTuple):
+    """Rows ``x = hi + lo + res`` (``hi, lo`` bf16, all subtractions exact in fp32) and ``|x|^2 = s_hi + s_lo``
+    (+ error), with the norms that enter the error bound."""
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+    s_hi: torch.Tensor
+    s_lo: torch.Tensor
+    norms: dict[str, torch.Tensor]
+
+    def take(self, rows: torch.Tensor) -> _Split:
+        return _Split(self.hi[rows], self.lo[rows], self.s_hi[rows], self.s_lo[rows],
+                      {name: v[rows] for name, v in self.norms.items()})
+
+
+def _split(x: torch.Tensor) -> _Split:
     hi = x.bfloat16()
-    rest = x - hi.float()
-    lo = rest.bfloat16()
-    return hi, lo, rest - lo.float()
-
-
-def _augment(x: torch.Tensor, as_query: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The bf16 rows whose products are approximate squared distances, and the norms for the error bound.
-
-    ``Q(q) . R(r) = -2 (qh.rh + qh.rl + ql.rh) + (sqh + sql) + (srh + srl)`` with ``s = |x|^2`` split
-    into two bf16 numbers too; ``-2 qh`` is exact in bf16."""
-    hi, lo, res = _split3(x)
-    sq = (x * x).sum(1)
+    res = x - hi  # fp32, exact; then minus lo, in place (few large temporaries: they cost page faults)
+    lo = res.bfloat16()
+    res.sub_(lo)
+    sq = torch.linalg.vecdot(x, x)
     s_hi = sq.bfloat16()
-    s_lo = (sq - s_hi.float()).bfloat16()
-    one = torch.ones_like(s_hi)[:, None]
-    if as_query:
-        cols = [-2 * hi, -2 * hi, -2 * lo, s_hi[:, None], s_lo[:, None], one, one]
-    else:
-        cols = [hi, lo, hi, one, one, s_hi[:, None], s_lo[:, None]]
-    norms = {"x": x.norm(dim=1), "hi": hi.float().norm(dim=1), "lo": lo.float().norm(dim=1),
-             "res": res.norm(dim=1), "sq": sq}
-    return torch.cat(cols, dim=1).contiguous(), norms
+    s_lo = (sq - s_hi).bfloat16()
+    norm = torch.linalg.vector_norm
+    norms = {"x": norm(x, dim=1), "hi": norm(hi, dim=1, dtype=torch.float32),
+             "lo": norm(lo, dim=1, dtype=torch.float32), "res": norm(res, dim=1), "sq": sq}
+    return _Split(hi, lo, s_hi, s_lo, norms)
+
+
+def _split_rows(x: torch.Tensor, center: torch.Tensor, rows: torch.Tensor) -> _Split:
+    """``_split(x[rows] - center)``, by chunks (no full-size fp32 temporaries)."""
+    n, d = rows.numel(), x.shape[1]
+    kw = {"dtype": torch.bfloat16, "device": x.device}
+    out = _Split(torch.empty((n, d), **kw), torch.empty((n, d), **kw), torch.empty(n, **kw), torch.empty(n, **kw),
+                 {name: torch.empty(n, device=x.device) for name in ("x", "hi", "lo", "res", "sq")})
+    chunk = max(1, SPLIT_ELEMENTS // max(1, d))
+    for s in range(0, n, chunk):
+        part = _split(x[rows[s:s + chunk]] - center)
+        for dst, src in zip(out[:4], part[:4], strict=True):
+            dst[s:s + chunk] = src
+        for name, v in part.norms.items():
+            out.norms[name][s:s + chunk] = v
+    return out
+
+
+def _cells(x: torch.Tensor, center: torch.Tensor, pivots: torch.Tensor, query: bool) -> torch.Tensor:
+    """Each row's pivot with the smallest bf16 key (``pivots``: augmented rows of the other form), by
+    chunks. Only an ordering: its precision does not matter."""
+    n, d = x.shape
+    chunk = max(1, SPLIT_ELEMENTS // max(d, pivots.shape[0]))
+    cells = []
+    for s in range(0, n, chunk):
+        part = _split(x[s:s + chunk] - center)
+        cells.append(_bf16_gemm(_form(part, 0, part.hi.shape[0], query), pivots).view(torch.int16).argmin(dim=1))
+    return torch.cat(cells)
+
+
+def _form(sp: _Split, start: int, end: int, query: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Augmented bf16 rows whose products approximate squared distances, built per tile (memory: only
+    ``hi, lo`` are stored): ``Q(q) . R(r) = -2 (qh.rh + qh.rl + ql.rh) + (sq_hi + sq_lo) + (sr_hi + sr_lo)``,
+    ``-2 qh`` being exact in bf16. ``out``: a reused buffer (fresh large tensors cost page faults)."""
+    hi, lo = sp.hi[start:end], sp.lo[start:end]
+    s_hi, s_lo = sp.s_hi[start:end, None], sp.s_lo[start:end, None]
+    one = torch.ones_like(s_hi)
+    parts = [-2 * hi, -2 * hi, -2 * lo, s_hi, s_lo, one, one] if query else [hi, lo, hi, one, one, s_hi, s_lo]
+    if out is None:
+        return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1, out=out[:end - start])
 
 
 def _error_bound(nq: dict[str, torch.Tensor], nr: dict[str, torch.Tensor], d: int) -> torch.Tensor:
     """Per query, ``E_q >= |v - d2| - RHO |v|`` for every reference (``v``: the bf16 block value).
 
-    With ``q = qh + ql + qe`` (and ``r`` alike), ``q.r - (qh.rh + qh.rl + ql.rh) = qh.re + ql.(r - rh) + qe.r``,
-    bounded by Cauchy-Schwarz; the squared norms enter with ``gamma_d + 2^-16`` relative error (fp32 sum,
-    two-term bf16 split); the fp32 accumulation of the ``D = 3d + 4`` products adds ``gamma_D`` times
-    their absolute sum. The reference side is taken at its maximum; a factor ``1 + 2^-10`` covers the
-    fp32 rounding of the bound itself. The last rounding (fp32 sum to bf16) is the ``RHO |v|`` term."""
+    With ``q = qh + ql + qe`` (``r`` alike), ``q.r - (qh.rh + qh.rl + ql.rh) = qh.re + ql.(r - rh) + qe.r``,
+    bounded by Cauchy-Schwarz; the squared norms carry ``gamma_d + 2^-16`` relative error (fp32 sum,
+    two-term bf16 split); the fp32 accumulation of the ``3d + 4`` exact products adds ``gamma_{3d+4}``
+    times their absolute sum. The reference side is taken at its maximum; ``1 + 2^-10`` covers the fp32
+    rounding of the bound itself. The final rounding of the sum to bf16 is the ``RHO |v|`` term."""
     unit = 2.0**-24
     gamma_d, gamma_dd = d * unit / (1 - d * unit), (3 * d + 4) * unit / (1 - (3 * d + 4) * unit)
-    r_res, r_x, r_sq = nr["res"].max(), nr["x"].max(), nr["sq"].max()
-    r_lo_res = (nr["lo"] + nr["res"]).max()  # >= |r - rh|
-    r_hl = (nr["hi"] + nr["lo"]).max()
-    products = 2 * (nq["hi"] * r_res + nq["lo"] * r_lo_res + nq["res"] * r_x)
+    r_sq = nr["sq"].max()
+    products = 2 * (nq["hi"] * nr["res"].max() + nq["lo"] * (nr["lo"] + nr["res"]).max() + nq["res"] * nr["x"].max())
     norms = (gamma_d + 2.0**-16) * (1 + gamma_d) * (nq["sq"] + r_sq)
-    accumulation = gamma_dd * (2 * (nq["hi"] + nq["lo"]) * r_hl + (1 + 2.0**-7) * (nq["sq"] + r_sq))
+    accumulation = gamma_dd * (2 * (nq["hi"] + nq["lo"]) * (nr["hi"] + nr["lo"]).max() + (1 + 2.0**-7) * (nq["sq"] + r_sq))
     return (products + norms + accumulation) * (1 + 2.0**-10)
 
 
-def _bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` in bf16, accumulated in fp32 (on CUDA, cuBLAS' reduced-precision split-K is switched off)."""
+def _bf16_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T`` with bf16 output, accumulated in fp32 (on CUDA, cuBLAS' reduced-precision split-K is off).
+
+    ``out``: a flat reused buffer of at least ``len(a) * len(b)`` entries."""
+    if out is not None:
+        out = out[:a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0])
     if a.device.type != "cuda":
-        return a @ b.T
+        return torch.mm(a, b.T, out=out)
     flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:
-        return a @ b.T
+        return torch.mm(a, b.T, out=out)
     finally:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
-def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int) -> tuple[torch.Tensor, ...]:
+def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int,
+           floor: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int]:
     """The entries of an int16 key block that can enter the queries' running top-``kp``.
 
     ``dim`` is the reference axis (1: queries are rows; 0: queries are columns). Keys are bf16 bit
-    patterns: for values >= 0 their int16 order is the float order, negative values sort below all of
-    them. Group minima (strided groups of ``GROUP``, as in :func:`_block_topk`) are compared with the
+    patterns: for values >= 0 their int16 order is the float order; negative values sort below all of
+    them. Group minima (strided groups of about ``GROUP``, as in :func:`_block_topk`) are compared with the
     query's threshold ``tau`` (its current kp-th key, strict); only groups below it are read. A query
     whose list is not full yet takes the kp-th smallest group minimum of this block as its threshold
-    (inclusive): at least kp entries lie at or below it. Returns local (query, reference, key) triples."""
+    (inclusive): at least kp entries lie at or below it. Returns local (query, reference, key) triples,
+    whether they come ordered by query (then :func:`_merge_candidates` needs no sort), and the block's
+    smallest key. ``floor``: a known smallest key of the block (from the other direction); when no
+    threshold is above it, the block is not read at all."""
     nq, size = keys.shape[1 - dim], keys.shape[dim]
+    empty = torch.empty(0, dtype=torch.long, device=keys.device)
+    none = (empty, empty, empty.to(torch.int16), True)
+    if floor is not None and floor >= int(tau.clamp(max=KEY_INF).max()):  # (cold lists: threshold KEY_INF)
+        return (*none, floor)
     n_groups = size // GROUP
-    main = n_groups * GROUP
+    if n_groups >= 64:  # a multiple of 64 groups: the strided minimum vectorises (2x faster at 2880)
+        n_groups -= n_groups % 64
+    members = size // n_groups if n_groups else 0
+    main = n_groups * members
     th = tau.to(torch.int32)
     cold = tau == KEY_EMPTY
     minima = None
     if n_groups:
         if dim == 1:
-            minima = keys[:, :main].reshape(nq, GROUP, n_groups).amin(dim=1)
+            minima = keys[:, :main].reshape(nq, members, n_groups).amin(dim=1)
         else:
-            minima = keys[:main].view(GROUP, n_groups, nq).amin(dim=0).T
+            minima = keys[:main].view(members, n_groups, nq).amin(dim=0).T
         if n_groups >= kp and bool(cold.any()):
             cold_th = torch.kthvalue(minima[cold], kp, dim=1).values.to(torch.int32) + 1
             th = th.masked_scatter(cold, cold_th)
     th = th.clamp(max=KEY_INF).to(torch.int16)  # excluded (+inf) entries never pass
     out = []
+    lowest = KEY_EMPTY
     if minima is not None:
-        q, g = (minima < th[:, None]).nonzero(as_tuple=True)
-        if dim == 1:  # the hit groups' entries, [hits, GROUP] / [GROUP, hits], without an index tensor
-            vals = keys[:, :main].view(nq, GROUP, n_groups)[q, :, g]
+        lowest = int(minima.amin())
+        q, g = (minima < th[:, None]).nonzero(as_tuple=True) if lowest < int(th.max()) else (empty, empty)
+        if dim == 1:  # the hit groups' entries, [hits, members] / [members, hits], without an index tensor
+            vals = keys[:, :main].view(nq, members, n_groups)[q, :, g]
             h, t = (vals < th[q][:, None]).nonzero(as_tuple=True)
             vals = vals[h, t]
         else:
-            vals = keys[:main].view(GROUP, n_groups, nq)[:, g, q]
+            vals = keys[:main].view(members, n_groups, nq)[:, g, q]
             t, h = (vals < th[q][None, :]).nonzero(as_tuple=True)
             vals = vals[t, h]
         out.append((q[h], g[h] + t * n_groups, vals))
-    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
+    if main < size:
+        tail = keys[:, main:] if dim == 1 else keys[main:].T
+        lowest = min(lowest, int(tail.amin()))
+        q, j = (tail < th[:, None]).nonzero(as_tuple=True)
+        out.append((q, j + main, tail[q, j]))
+    q, ref, key = (torch.cat(parts) for parts in zip(*out, strict=True))
+    return q, ref, key, dim == 1 and len(out) == 1, lowest  # nonzero is row-major: a row's hits are consecutive
 
 
 def _merge_candidates(best_k: torch.Tensor, best_i: torch.Tensor, q: torch.Tensor, ref: torch.Tensor,
-                      key: torch.Tensor) -> None:
-    """Merge (query, reference, key) triples into the sorted running lists ``best_k / best_i`` in place."""
+                      key: torch.Tensor, grouped: bool = False) -> None:
+    """Merge (query, reference, key) triples into the sorted running lists ``best_k / best_i`` in place.
+
+    ``grouped``: the triples of each query are consecutive (a sort is needed only if some query has
+    more than kp of them)."""
     if q.numel() == 0:
         return
     kp = best_k.shape[1]
-    order = torch.argsort(q * 65536 + (key.long() + 32768))  # by query, then key
-    q, ref, key = q[order], ref[order], key[order]
-    rows, counts = torch.unique_consecutive(q, return_counts=True)
+    if grouped:
+        rows, counts = torch.unique_consecutive(q, return_counts=True)
+    if not grouped or int(counts.max()) > kp:
+        order = torch.argsort(q * 65536 + (key.long() + 32768))  # by query, then key
+        q, ref, key = q[order], ref[order], key[order]
+        rows, counts = torch.unique_consecutive(q, return_counts=True)
     slot = torch.repeat_interleave(torch.arange(rows.numel(), device=q.device), counts)
     rank = torch.arange(q.numel(), device=q.device) - (torch.cumsum(counts, 0) - counts)[slot]
     width = min(int(counts.max()), kp)
@@ -381,109 +485,184 @@ def _merge_candidates(best_k: torch.Tensor, best_i: torch.Tensor, q: torch.Tenso
     best_i[rows] = torch.gather(merged_i, 1, pos)
 
 
-def _update(best_k: torch.Tensor, best_i: torch.Tensor, keys: torch.Tensor, dim: int, offset: int) -> None:
-    """Running top-kp update of the queries along ``1 - dim`` of a key block."""
-    q, ref, key = _prune(keys, best_k[:, -1], best_k.shape[1], dim)
-    _merge_candidates(best_k, best_i, q, ref + offset, key)
+def _update(best_k: torch.Tensor, best_i: torch.Tensor, block: torch.Tensor, dim: int, offset: int,
+            floor: int | None = None) -> int:
+    """Running top-kp update, from a bf16 block, of the queries along ``1 - dim``; returns the block's
+    smallest key (see :func:`_prune`)."""
+    q, ref, key, grouped, lowest = _prune(block.view(torch.int16), best_k[:, -1], best_k.shape[1], dim, floor)
+    _merge_candidates(best_k, best_i, q, ref + offset, key, grouped)
+    return lowest
 
 
-def _bf16_candidates(xq: torch.Tensor, xr: torch.Tensor, kp: int, ex: torch.Tensor | None, self_join: bool,
-                     max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kp smallest bf16 keys per query (sorted) and their reference indices, tiled like the fp32 paths."""
-    n, m = xq.shape[0], xr.shape[0]
-    best_k = torch.full((n, kp), KEY_EMPTY, dtype=torch.int16, device=xq.device)
-    best_i = torch.full((n, kp), -1, dtype=torch.long, device=xq.device)
+class _Forms:
+    """Tiles of augmented rows (:func:`_form`): all built once when they fit in ``FORM_CACHE_BYTES``,
+    else per tile into a reused buffer."""
+
+    def __init__(self, sp: _Split, query: bool, tile: int, cached: bool) -> None:
+        self.sp, self.query = sp, query
+        self.all = _form(sp, 0, sp.hi.shape[0], query) if cached else None
+        width = 3 * sp.hi.shape[1] + 4
+        self.buf = None if cached else torch.empty((tile, width), dtype=torch.bfloat16, device=sp.hi.device)
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        if self.all is not None:
+            return self.all[start:end]
+        return _form(self.sp, start, end, self.query, self.buf)
+
+
+def _bf16_candidates(sq: _Split, sr: _Split, kp: int, ex: torch.Tensor | None, self_join: bool,
+                     max_tile_elements: int, cells_q: torch.Tensor,
+                     cells_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kp smallest bf16 keys per query (sorted) and their reference indices, tiled like the fp32 paths.
+
+    Rows come sorted by cell (nearest pivot); a self-join visits its blocks by distance from the
+    diagonal, and each query tile of the general path starts at the reference tile of its cell, so that
+    the thresholds of :func:`_prune` are tight early and few entries are read. The visiting order never
+    changes the result."""
+    n, m = sq.hi.shape[0], sr.hi.shape[0]
+    device, width = sq.hi.device, 3 * sq.hi.shape[1] + 4
+    cached = (n + m) * width * 2 <= FORM_CACHE_BYTES
+    best_k = torch.full((n, kp), KEY_EMPTY, dtype=torch.int16, device=device)
+    best_i = torch.full((n, kp), -1, dtype=torch.long, device=device)
     if self_join:
         tile = max(1, min(n, math.isqrt(max_tile_elements)))
         if tile > GROUP:
             tile -= tile % GROUP
-        for i0 in range(0, n, tile):
-            i1 = min(n, i0 + tile)
-            for j0 in range(i0, n, tile):
-                j1 = min(n, j0 + tile)
-                block = _bf16_gemm(xq[i0:i1], xr[j0:j1])
-                _mask_exclusions(block, ex, i0, j0)
-                keys = block.view(torch.int16)
-                _update(best_k[i0:i1], best_i[i0:i1], keys, 1, j0)
-                if j0 != i0:
-                    _update(best_k[j0:j1], best_i[j0:j1], keys, 0, i0)
+        buf = torch.empty(tile * tile, dtype=torch.bfloat16, device=device)
+        form_q, form_r = _Forms(sq, True, tile, cached), _Forms(sr, False, tile, cached)
+        starts = range(0, n, tile)
+        for i0, j0 in sorted(((i, j) for i in starts for j in starts if j >= i), key=lambda p: p[1] - p[0]):
+            i1, j1 = min(n, i0 + tile), min(n, j0 + tile)
+            block = _bf16_gemm(form_q(i0, i1), form_r(j0, j1), buf)
+            _mask_exclusions(block, ex, i0, j0)
+            lowest = _update(best_k[i0:i1], best_i[i0:i1], block, 1, j0)
+            if j0 != i0:
+                _update(best_k[j0:j1], best_i[j0:j1], block, 0, i0, lowest)
         return best_k, best_i
     r_tile = max(1, min(m, REFERENCE_TILE, max_tile_elements))
     q_tile = max(1, min(n, max_tile_elements // r_tile))
+    n_tiles = math.ceil(m / r_tile)
+    buf = torch.empty(q_tile * r_tile, dtype=torch.bfloat16, device=device)
+    form_q, form_r = _Forms(sq, True, q_tile, cached), _Forms(sr, False, r_tile, cached)
     for qs in range(0, n, q_tile):
         qe = min(n, qs + q_tile)
-        for rs in range(0, m, r_tile):
-            re_ = min(m, rs + r_tile)
-            block = _bf16_gemm(xq[qs:qe], xr[rs:re_])
+        xq = form_q(qs, qe)
+        first = int(torch.searchsorted(cells_r, cells_q[(qs + qe) // 2])) // r_tile
+        for t in range(n_tiles):
+            rs = ((first + t) % n_tiles) * r_tile
+            block = _bf16_gemm(xq, form_r(rs, min(m, rs + r_tile)), buf)
             if ex is not None:
                 _mask_exclusions(block, ex[qs:qe], 0, rs)
-            _update(best_k[qs:qe], best_i[qs:qe], block.view(torch.int16), 1, rs)
+            _update(best_k[qs:qe], best_i[qs:qe], block, 1, rs)
     return best_k, best_i
 
 
-def _rerank(qc: torch.Tensor, rc: torch.Tensor, best_k: torch.Tensor, best_i: torch.Tensor, k: int,
-            bound: torch.Tensor, m: int, max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact fp32 ``|q - r|^2`` of the candidates, their top-k, and whether each row is provably exact."""
-    n, kp = best_i.shape
+def _exact_topk(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For queries ``q[rows]``: the ``k`` smallest exact fp32 ``|q - r|^2`` (difference form: no
+    cancellation) among their candidate reference indices ``cand`` (``-1`` = none), sorted, and the indices."""
+    n, kp = cand.shape
     kk = min(k, kp)
-    approx = best_k.view(torch.bfloat16).float().masked_fill(best_k >= KEY_INF, math.inf)
-    out_d = torch.empty((n, kk), device=qc.device)
-    out_i = torch.empty((n, kk), dtype=torch.long, device=qc.device)
-    chunk = max(1, max_tile_elements // (kp * qc.shape[1]))
+    out_d = torch.empty((n, kk), device=q.device)
+    out_i = torch.empty((n, kk), dtype=torch.long, device=q.device)
+    chunk = max(1, RERANK_ELEMENTS // (kp * q.shape[1]))
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        idx = best_i[s:e]
-        d2 = ((rc[idx.clamp_min(0)] - qc[s:e, None]) ** 2).sum(-1).masked_fill(idx < 0, math.inf)
+        idx = cand[s:e]
+        diff = r.index_select(0, idx.clamp_min(0).reshape(-1)).view(e - s, kp, -1).sub_(q[rows[s:e], None])
+        d2 = diff.mul_(diff).sum(-1).masked_fill(idx < 0, math.inf)
         out_d[s:e], pos = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
         out_i[s:e] = torch.gather(idx, 1, pos)
     out_i[torch.isinf(out_d)] = -1
-    # every reference outside the list has v >= v_kp, so d2 >= v_kp - E - RHO v_kp > (exact k-th of the list)
-    v_last = approx[:, -1]
-    kth = out_d[:, -1] * (1 + (qc.shape[1] + 4) * 2.0**-23)  # covers the fp32 rounding of the re-ranked d2
-    exact = (best_i[:, -1] < 0) | ((v_last >= 0) & (v_last * (1 - RHO) - bound > kth))
-    if kp >= m:
+    return out_d, out_i
+
+
+def _rerank(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, best_k: torch.Tensor, cand: torch.Tensor,
+            k: int, bound: torch.Tensor, shift: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
+    """Exact top-k of the candidates (from the inputs ``q[rows], r``), and whether each row is provably
+    the exact top-k of all references (the bound is on centred distances; ``shift`` bounds what centring
+    in fp32 moved them by)."""
+    kp = cand.shape[1]
+    out_d, out_i = _exact_topk(q, r, rows, cand, k)
+    # a reference outside the list has v >= v_kp, so its centred d2 >= v_kp - E - RHO v_kp, and its
+    # distance >= sqrt(that) - shift, which must exceed the list's exact k-th distance
+    v_last = best_k[:, -1].view(torch.bfloat16).float()
+    low = (v_last * (1 - RHO) - bound).clamp_min(0).sqrt() - shift
+    kth = (out_d[:, -1] * (1 + (q.shape[1] + 4) * 2.0**-23)).sqrt()  # + the fp32 rounding of the re-rank
+    exact = (cand[:, -1] < 0) | ((v_last >= 0) & (low > kth * (1 + 2.0**-20)))  # + rounding of low, kth
+    if kp >= m:  # the list holds every admissible reference
         exact[:] = True
     return out_d, out_i, exact
 
 
 def _torch_knn_bf16(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None, self_join: bool,
                     device: str | torch.device | None, max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact squared-L2 top-k: bf16 candidate search, exact fp32 re-rank, checked (see the module docstring)."""
+    """Exact squared-L2 top-k: bf16 candidate search, exact fp32 re-rank, checked (see the module docstring).
+
+    The search runs in a locality order (rows sorted by nearest pivot); ``q, r`` themselves are not
+    permuted (the re-rank maps indices), so the extra memory is the bf16 split, about one fp32 copy."""
     device = torch.device(device) if device is not None else q.device
     n, m, d = q.shape[0], r.shape[0], q.shape[1]
     out_d = torch.full((n, k), math.inf)
     out_i = torch.full((n, k), -1, dtype=torch.long)
     if n == 0 or m == 0:
         return out_d, out_i
-    r_dev = r.to(device)
-    center = r_dev.mean(0)  # distances are translation invariant; centring shrinks |q| |r| in the bound
-    rc = r_dev - center
-    qc = rc if self_join else q.to(device) - center
-    xr, nr = _augment(rc, as_query=False)
-    xq, nq = _augment(qc, as_query=True)
-    bound = _error_bound(nq, nr, d)
-    todo = torch.arange(n, device=device)
+    r = r.to(device)
+    q = r if self_join else q.to(device)
+    center = r.mean(0)  # distances are translation invariant; centring shrinks |q| |r| in the bound
+    pivots = _split(r[torch.linspace(0, m - 1, min(m, LOCALITY_PIVOTS), device=device).long()] - center)
+    n_piv = pivots.hi.shape[0]
+    # pivots themselves in a locality order (by nearest of 16 coarse pivots), so neighbouring cells are adjacent
+    coarse = torch.linspace(0, n_piv - 1, min(n_piv, 16), device=device).long()
+    piv_keys = _bf16_gemm(_form(pivots, 0, n_piv, True), _form(pivots, 0, n_piv, False)[coarse])
+    rank = torch.empty(n_piv, dtype=torch.long, device=device)
+    rank[torch.argsort(piv_keys.view(torch.int16).argmin(dim=1), stable=True)] = torch.arange(n_piv, device=device)
+    cells_r = rank[_cells(r, center, _form(pivots, 0, n_piv, True), query=False)]
+    order_r = torch.argsort(cells_r, stable=True)
+    cells_r, sr = cells_r[order_r], _split_rows(r, center, order_r)
+    if self_join:
+        order_q, cells_q, sq = order_r, cells_r, sr
+    else:
+        cells_q = rank[_cells(q, center, _form(pivots, 0, n_piv, False), query=True)]
+        order_q = torch.argsort(cells_q, stable=True)
+        cells_q, sq = cells_q[order_q], _split_rows(q, center, order_q)
+    inverse_r = torch.empty_like(order_r)
+    inverse_r[order_r] = torch.arange(m, device=device)
+    ex_sorted = None  # the exclusions in the locality order
+    if ex is not None:
+        ex_sorted = ex[order_q.cpu()]
+        ex_sorted = torch.where(ex_sorted >= 0, inverse_r.cpu()[ex_sorted.clamp_min(0)], ex_sorted)
+    bound = _error_bound(sq.norms, sr.norms, d)
+    shift = (sq.norms["x"] + sr.norms["x"].max()) * 2.0**-23  # >= |(q_c - r_c) - (q - r)|
+    res_d = torch.full((n, k), math.inf, device=device)  # rows in the original order
+    res_i = torch.full((n, k), -1, dtype=torch.long, device=device)
+    todo = torch.arange(n, device=device)  # positions in the locality order
     margin = CANDIDATE_MARGIN
     for attempt in range(RETRIES + 1):
         kp = min(k + margin, m)
-        if attempt == 0:  # all rows, shared blocks when a self-join; retries: the rejected rows only
-            rows_ex, rows_xq, rows_qc, rows_bound = ex, xq, qc, bound
+        if attempt == 0:  # all rows (sharing blocks in a self-join); then only the rows the check rejected
+            part = (ex_sorted, sq, bound, shift, cells_q)
         else:
-            rows_ex = None if ex is None else ex[todo.cpu()]
-            rows_xq, rows_qc, rows_bound = xq[todo], qc[todo], bound[todo]
-        best_k, best_i = _bf16_candidates(rows_xq, xr, kp, rows_ex, self_join and attempt == 0, max_tile_elements)
-        d2, idx, exact = _rerank(rows_qc, rc, best_k, best_i, k, rows_bound, m, max_tile_elements)
-        done = todo[exact].cpu()
-        out_d[done, :d2.shape[1]] = d2[exact].cpu()
-        out_i[done, :d2.shape[1]] = idx[exact].cpu()
+            part = (None if ex is None else ex_sorted[todo.cpu()], sq.take(todo), bound[todo], shift[todo],
+                    cells_q[todo])
+        best_k, best_i = _bf16_candidates(part[1], sr, kp, part[0], self_join and attempt == 0, max_tile_elements,
+                                          part[4], cells_r)
+        cand = torch.where(best_i >= 0, order_r[best_i.clamp_min(0)], best_i)
+        rows = order_q[todo]
+        dist, idx, exact = _rerank(q, r, rows, best_k, cand, k, part[2], part[3], m)
+        res_d[rows[exact], :dist.shape[1]] = dist[exact]
+        res_i[rows[exact], :dist.shape[1]] = idx[exact]
         todo = todo[~exact]
         if todo.numel() == 0:
-            return out_d, out_i
+            break
         margin *= 4
-    rest = todo.cpu()
-    rest_d, rest_i = _torch_knn(qc[todo], rc, k, None if ex is None else ex[rest], device, max_tile_elements)
-    out_d[rest], out_i[rest] = rest_d, rest_i
-    return out_d, out_i
+    if todo.numel():  # ties or near-ties beyond the widest list: fp32 search (k + margin), exact re-rank
+        rows = order_q[todo]
+        _, cand = _torch_knn(q[rows], r, min(k + CANDIDATE_MARGIN, m), None if ex is None else ex[rows.cpu()],
+                             device, max_tile_elements)
+        rest_d, rest_i = _exact_topk(q, r, rows, cand.to(device), k)
+        res_d[rows, :rest_d.shape[1]], res_i[rows, :rest_d.shape[1]] = rest_d, rest_i
+    return res_d.cpu(), res_i.cpu()
 
 
 def faiss_available() -> bool:

@@ -1,0 +1,202 @@
+"""The bf16 kNN mode (bf16 candidate search, exact fp32 re-rank) against float64 brute force."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from safe_train.detection.knn import knn
+
+K = importlib.import_module("safe_train.detection.knn")  # the module (the package re-exports the function)
+
+
+def brute(q: np.ndarray, r: np.ndarray, k: int, metric: str, excl: list[set[int]] | None):
+    """Sorted admissible distances (float64, difference form) and the full distance matrix."""
+    q64, r64 = q.astype(np.float64), r.astype(np.float64)
+    if metric == "cosine":
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+        r64 = r64 / np.linalg.norm(r64, axis=1, keepdims=True)
+    full = np.concatenate([((q64[s:s + 128, None, :] - r64[None, :, :]) ** 2).sum(-1)
+                           for s in range(0, len(q64), 128)])
+    full = full / 2 if metric == "cosine" else np.sqrt(full)
+    if excl is not None:
+        for i, e in enumerate(excl):
+            full[i, [j for j in e if j >= 0]] = np.inf
+    dist = np.sort(full, axis=1)[:, :k]
+    dist = np.pad(dist, ((0, 0), (0, k - dist.shape[1])), constant_values=np.inf)  # k > len(r)
+    return dist, full
+
+
+def assert_exact(d: torch.Tensor, i: torch.Tensor, q, r, k, metric, excl=None, rtol=1e-5, atol=1e-6):
+    """Distances equal the brute-force ones; every index is admissible, unique, at its reported distance;
+    without ties (distinct distances) the index lists equal brute force's order too."""
+    exp, full = brute(q, r, k, metric, excl)
+    d, i = d.numpy().astype(np.float64), i.numpy()
+    finite = np.isfinite(exp)
+    assert (np.isfinite(d) == finite).all() and ((i >= 0) == finite).all()
+    np.testing.assert_allclose(d[finite], exp[finite], rtol=rtol, atol=atol)
+    rows = np.nonzero(finite)[0]
+    at = full[rows, i[finite]]
+    np.testing.assert_allclose(at, exp[finite], rtol=rtol, atol=atol)  # also: never an excluded index
+    for row, idx in zip(i, finite, strict=True):
+        assert len(set(row[idx].tolist())) == idx.sum()
+
+
+def run(q, r, k, metric, **kwargs):
+    return knn(q, r, k, metric=metric, precision="bf16", **kwargs)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many small ops: on a busy shared machine, intra-op threads mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def clustered(rng, n, d, n_clusters=8, scale=3.0, spread=1.0, offset=0.0):
+    centers = rng.normal(scale=scale, size=(n_clusters, d))
+    return (offset + centers[rng.integers(0, n_clusters, n)] + spread * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_self_join_with_symmetric_exclusions(metric, rng):
+    x = clustered(rng, 1000, 24)
+    partner = np.where(np.arange(1000) < 500, np.arange(1000) + 500, np.arange(1000) - 500)[:, None]
+    excl = [{i, int(partner[i, 0])} for i in range(1000)]
+    for tile in (50_000, 1 << 23):  # several tiles (with tails) and a single block
+        d, i = run(x, x, 10, metric, exclude_self=True, exclude=partner, max_tile_elements=tile)
+        assert_exact(d, i, x, x, 10, metric, excl)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_general_path_with_exclusions(metric, rng):
+    r = clustered(rng, 1500, 16, offset=50.0)  # a large common offset: centring must take care of it
+    q = clustered(rng, 300, 16, offset=50.0)
+    ex = rng.integers(-1, 1500, size=(300, 3))  # asymmetric, with -1 = none
+    excl = [set(row.tolist()) for row in ex]
+    for tile in (20_000, 1 << 23):
+        d, i = run(q, r, 7, metric, exclude=ex, max_tile_elements=tile)
+        assert_exact(d, i, q, r, 7, metric, excl)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_near_ties_and_duplicates(metric, rng, monkeypatch):
+    """Near-duplicates (the fp32 expansion |q|^2 + |r|^2 - 2 q.r cancels there), exact duplicates, and a
+    group of copies larger than the candidate list (the check must reject it: retries, then fp32)."""
+    calls = []
+    fp32 = K._torch_knn
+    monkeypatch.setattr(K, "_torch_knn", lambda *a, **kw: calls.append(len(a[0])) or fp32(*a, **kw))
+    base = clustered(rng, 300, 32, spread=0.2)
+    near = base[:100] + 1e-4 * rng.normal(size=(100, 32)).astype(np.float32)
+    copies = np.repeat(base[100:101], 320, axis=0)  # > the widest list (k + 128): fp32 fallback
+    dups = np.repeat(base[101:106], 12, axis=0)
+    x = np.concatenate([base, near, copies, dups])
+    d, i = run(x, x, 5, metric, exclude_self=True)
+    assert_exact(d, i, x, x, 5, metric, [{j} for j in range(len(x))], atol=1e-5)
+    assert calls and calls[0] < 400  # the copies (and their close neighbours) only
+    q = x[::7] + 1e-3
+    d, i = run(q, x, 5, metric)
+    assert_exact(d, i, q, x, 5, metric, atol=1e-5)
+
+
+def test_near_duplicates_are_more_accurate_than_fp32(rng):
+    x = clustered(rng, 400, 64, offset=20.0)
+    x[200:] = x[:200] + 1e-3 * rng.normal(size=(200, 64)).astype(np.float32)
+    exp, _ = brute(x, x, 3, "l2", [{j} for j in range(400)])
+    d16, _ = knn(x, x, 3, exclude_self=True, precision="bf16")
+    d32, _ = knn(x, x, 3, exclude_self=True, precision="fp32")
+    err16 = (np.abs(d16.numpy() - exp) / exp).max()
+    err32 = (np.abs(d32.numpy() - exp) / exp).max()
+    assert err16 < 1e-6 and err32 > 1e-4  # fp32's |q|^2 + |r|^2 - 2 q.r cancels
+
+
+def test_tiny_tiles_tails_and_padding(rng):
+    x = rng.normal(size=(83, 5)).astype(np.float32)  # not a multiple of the group size
+    for tile in (1, 7, 64, 4096):
+        d, i = run(x, x, 6, "l2", exclude_self=True, max_tile_elements=tile)
+        assert_exact(d, i, x, x, 6, "l2", [{j} for j in range(83)])
+        q = x[:9] * 0.5
+        d, i = run(q, x, 6, "l2", max_tile_elements=tile)
+        assert_exact(d, i, q, x, 6, "l2")
+    r = np.eye(3, dtype=np.float32)
+    d, i = run(r, r, 4, "l2", exclude_self=True)
+    assert (i[:, 2:] == -1).all() and torch.isinf(d[:, 2:]).all() and (i[:, :2] >= 0).all()
+
+
+def test_error_bound_holds(rng):
+    """The inequality the exactness rests on: |v - d2| <= E_q + RHO |v| for every pair of a bf16 block."""
+    for scale, offset in ((1.0, 0.0), (1e3, 0.0), (1e-3, 5e-3)):
+        x = torch.from_numpy(clustered(rng, 600, 48, spread=0.05) * scale + offset)
+        xc = x - x.mean(0)
+        sp = K._split(xc)
+        v = K._bf16_gemm(K._form(sp, 0, 600, True), K._form(sp, 0, 600, False)).double()
+        xd = xc.double()
+        d2 = ((xd[:, None, :] - xd[None, :, :]) ** 2).sum(-1)
+        e = K._error_bound(sp.norms, sp.norms, 48).double()[:, None]
+        assert ((v - d2).abs() <= e + K.RHO * v.abs()).all()
+        assert (e < 1e-4 * d2.max()).all()  # and it is not vacuous: the final bf16 rounding dominates
+
+
+def test_bf16_search_needs_no_fallback_on_ordinary_data(rng, monkeypatch):
+    """Blocks wide enough for 64+ groups (tile 2880 and a tail), few fallbacks."""
+    calls = []
+    fp32 = K._torch_knn
+    monkeypatch.setattr(K, "_torch_knn", lambda *a, **kw: calls.append(1) or fp32(*a, **kw))
+    x = clustered(rng, 3000, 8)
+    d, i = run(x, x, 10, "l2", exclude_self=True)
+    assert not calls
+    assert_exact(d, i, x, x, 10, "l2", [{j} for j in range(3000)])
+
+
+@pytest.mark.parametrize("shape", [(100, 130), (700, 2900)])
+def test_prune_keeps_every_entry_that_can_enter(shape):
+    """Warm rows: exactly the entries below the threshold; cold rows: at least their kp smallest entries;
+    never an excluded (+inf) entry. Both block directions, negative keys, tails."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randint(-300, 3000, shape, dtype=torch.int16, generator=gen)
+    keys[torch.rand(shape, generator=gen) < 0.05] = K.KEY_INF
+    kp = 6
+    for dim in (1, 0):
+        view = keys if dim == 1 else keys.T  # [queries, references]
+        tau = torch.randint(-200, 300, (view.shape[0],), dtype=torch.int16, generator=gen)
+        tau[::3] = K.KEY_EMPTY
+        q, ref, key, grouped, lowest = K._prune(keys, tau, kp, dim)
+        assert lowest == int(keys.min())
+        assert not grouped or bool((q[1:] >= q[:-1]).all())
+        assert torch.equal(view[q, ref], key) and (key < K.KEY_INF).all()
+        got = torch.zeros(view.shape, dtype=torch.bool)
+        got[q, ref] = True
+        assert int(got.sum()) == q.numel()  # no duplicates
+        warm = tau != K.KEY_EMPTY
+        assert torch.equal(got[warm], view[warm] < tau[warm, None])
+        kth = torch.kthvalue(view[~warm].int(), kp, dim=1).values[:, None]
+        assert (got[~warm] | (view[~warm] >= kth)).all()  # every entry below the kp-th smallest
+        assert ((got[~warm] & (view[~warm] <= kth)).sum(1) >= kp).all()  # and kp entries up to it
+
+
+def test_precision_argument():
+    x = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="precision"):
+        knn(x, x, 3, precision="fp16")
+    d_auto, i_auto = knn(x, x, 3, exclude_self=True)  # "auto": bf16 where the CPU has native bf16
+    d32, i32 = knn(x, x, 3, exclude_self=True, precision="fp32")
+    np.testing.assert_array_equal(i_auto.numpy(), i32.numpy())
+    np.testing.assert_allclose(d_auto.numpy(), d32.numpy(), rtol=1e-5, atol=1e-6)
+    assert isinstance(K.bf16_is_fast("cpu"), bool) and not K.bf16_is_fast("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_brute_force(rng):
+    x = clustered(rng, 800, 32)
+    d, i = run(x, x, 8, "l2", exclude_self=True, device="cuda")
+    assert_exact(d, i, x, x, 8, "l2", [{j} for j in range(800)])
