@@ -50,22 +50,26 @@ class BenchEntry:
 # The faithful SafeCLIP schedule (5 + 1 warmup epochs at 5e-6, first split at posterior 0.9, +0.01 safe
 # ratio per epoch) is made for 32 epochs of CC3M; in 20 short epochs of 4,000 digits (15 steps each) the
 # safe set would stay tiny and the CLIP loss would starve, so the phases are scaled (docs/safeclip.md):
-# 1 unimodal + 2 multimodal warmup epochs at 5e-4, first split at posterior 0.5, +0.1 per epoch up to the
-# 0.85 cap; views' crops keep >= 50% of a 32x32 digit. The CLIP side (multimodal warmup, safe pass,
-# similarity pass) works on the raw pairs (--safeclip-safe-input raw): trained only on SimCLR views the
-# tiny model loses 13-22 points of accuracy. `safeclip-views` is the original's views-only CLIP side.
+# 1 unimodal + 2 multimodal warmup epochs at 5e-4, first split at posterior 0.5, +0.1 per epoch up to a
+# 0.95 cap (0.85 in the original: with 1% poisons the bottom 5% still holds them, and the extra 10% of
+# CLIP-trained pairs is worth 1-2 points here); views' crops keep >= 50% of a 32x32 digit. The CLIP side
+# (multimodal warmup, safe pass, similarity pass) works on the raw pairs (--safeclip-safe-input raw):
+# trained only on SimCLR views the tiny model loses 13-22 points of accuracy. `safeclip-views` keeps the
+# original's views-only CLIP side (and its 0.85 cap).
 _SAFECLIP_SCHEDULE = (
     "--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-lr", "0.0005", "--safeclip-threshold", "0.5",
     "--safeclip-ratio-step", "0.1", "--safeclip-crop-min-scale", "0.5")
-_SAFECLIP_BENCH = (*_SAFECLIP_SCHEDULE, "--safeclip-multimodal-warmup-epochs", "2", "--safeclip-safe-input", "raw")
+_SAFECLIP_BENCH = (*_SAFECLIP_SCHEDULE, "--safeclip-multimodal-warmup-epochs", "2", "--safeclip-safe-input", "raw",
+                   "--safeclip-max-ratio", "0.95")
 _SAFECLIP_VIEWS_BENCH = (*_SAFECLIP_SCHEDULE, "--safeclip-multimodal-warmup-epochs", "3", "--safeclip-safe-input",
                          "views")
 
 # CleanCLIP finetunes the poisoned `none` model on the 400 clean held-out pairs (the paper's 1e-5 for 60
-# steps barely moves this tiny model): batch 32, 20 epochs, lr 5e-4, 10 warmup steps, AdamW 0.9/0.999/1e-8.
+# steps barely moves this tiny model; a sweep is in benchmarks/RESULTS.md): batch 64, 60 epochs
+# (420 steps), lr 2e-3, 10 warmup steps, AdamW 0.9/0.999/1e-8.
 _CLEANCLIP_BENCH = (
-    "--cleanclip-clip-weight", "1.0", "--cleanclip-ss-weight", "1.0", "--batch-size", "32", "--epochs", "20",
-    "--lr", "0.0005", "--warmup", "10", "--beta2", "0.999", "--eps", "1e-08")
+    "--cleanclip-clip-weight", "1.0", "--cleanclip-ss-weight", "1.0", "--batch-size", "64", "--epochs", "60",
+    "--lr", "0.002", "--warmup", "10", "--beta2", "0.999", "--eps", "1e-08")
 
 # configs/<defense>-bench.yaml holds the same settings for running one by hand; tests/test_bench.py checks
 # they agree.

@@ -1,4 +1,9 @@
-"""The bf16 kNN mode (bf16 candidate search, exact fp32 re-rank) against float64 brute force."""
+"""The bf16 kNN mode (bf16 candidate search, exact fp32 re-rank) against float64 brute force.
+
+The reference answer is a float64 brute force (difference form) on the inputs as knn sees them: the
+float32-rounded arrays (``brute`` takes the same float32 arrays and only widens them), so "exact" means
+equal to the float64 distances of the float32 data, up to the float32 rounding of the output.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +70,8 @@ def one_thread():
 
 def clustered(rng, n, d, n_clusters=8, scale=3.0, spread=1.0, offset=0.0):
     centers = rng.normal(scale=scale, size=(n_clusters, d))
-    return (offset + centers[rng.integers(0, n_clusters, n)] + spread * rng.normal(size=(n, d))).astype(np.float32)
+    x = offset + centers[rng.integers(0, n_clusters, n)] + spread * rng.normal(size=(n, d))
+    return x.astype(np.float32)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -89,16 +95,23 @@ def test_general_path_with_exclusions(metric, rng):
         assert_exact(d, i, q, r, 7, metric, excl)
 
 
+def count_fallback_rows(monkeypatch) -> list[int]:
+    """Record the number of rows of every call of the bf16 path's exact fallback."""
+    calls = []
+    fallback = K._bf16_fallback
+    monkeypatch.setattr(K, "_bf16_fallback", lambda *a, **kw: calls.append(len(a[2])) or fallback(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_near_ties_and_duplicates(metric, rng, monkeypatch):
     """Near-duplicates (the fp32 expansion |q|^2 + |r|^2 - 2 q.r cancels there), exact duplicates, and a
-    group of copies larger than the candidate list (the check must reject it: retries, then fp32)."""
-    calls = []
-    fp32 = K._torch_knn
-    monkeypatch.setattr(K, "_torch_knn", lambda *a, **kw: calls.append(len(a[0])) or fp32(*a, **kw))
+    group of copies larger than the candidate list (the check must reject it: retries, then the exact
+    fallback)."""
+    calls = count_fallback_rows(monkeypatch)
     base = clustered(rng, 300, 32, spread=0.2)
     near = base[:100] + 1e-4 * rng.normal(size=(100, 32)).astype(np.float32)
-    copies = np.repeat(base[100:101], 320, axis=0)  # > the widest list (k + 128): fp32 fallback
+    copies = np.repeat(base[100:101], 320, axis=0)  # > the widest list (k + 128): fallback
     dups = np.repeat(base[101:106], 12, axis=0)
     x = np.concatenate([base, near, copies, dups])
     d, i = run(x, x, 5, metric, exclude_self=True)
@@ -109,15 +122,94 @@ def test_near_ties_and_duplicates(metric, rng, monkeypatch):
     assert_exact(d, i, q, x, 5, metric, atol=1e-5)
 
 
-def test_near_duplicates_are_more_accurate_than_fp32(rng):
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_fallback_is_exact_with_an_offset(offset, rng, monkeypatch):
+    """300 references at nearly the same distance (squared: 1 + [0, 4e-3]) from the query: more
+    near-ties than the widest list, so the row goes to the fallback, which must stay exact under a large
+    common offset (an |q|^2 + |r|^2 - 2 q.r expansion of uncentred data cancels there)."""
+    calls = count_fallback_rows(monkeypatch)
+    d = 16
+    dirs = rng.normal(size=(300, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    near = dirs * np.sqrt(1 + rng.uniform(0, 4e-3, 300))[:, None]
+    far = rng.normal(size=(300, d)) * 3 + 10
+    r = (np.concatenate([near, far]) + offset).astype(np.float32)
+    q = np.full((2, d), offset, dtype=np.float32)
+    ex = np.array([[-1], [int(np.argmin(((r - q[1]) ** 2).sum(1)))]])  # the second query drops its nearest
+    d_, i = run(q, r, 5, "l2", exclude=ex)
+    assert calls == [2]
+    assert_exact(d_, i, q, r, 5, "l2", [set(row.tolist()) for row in ex], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_fallback_alone_is_exact(metric, rng, monkeypatch):
+    """Every row rejected by the check: the fallback alone gives the exact answer (general path and
+    self-join, with exclusions)."""
+    rerank = K._rerank
+    monkeypatch.setattr(K, "_rerank", lambda *a, **kw: rerank(*a, **kw)._replace(exact=torch.zeros(
+        len(a[2]), dtype=torch.bool)))
+    calls = count_fallback_rows(monkeypatch)
+    r = clustered(rng, 700, 12, offset=30.0)
+    q = clustered(rng, 90, 12, offset=30.0)
+    ex = rng.integers(-1, 700, size=(90, 2))
+    for tile in (5_000, 1 << 23):
+        d, i = run(q, r, 6, metric, exclude=ex, max_tile_elements=tile)
+        assert_exact(d, i, q, r, 6, metric, [set(row.tolist()) for row in ex])
+        d, i = run(r, r, 6, metric, exclude_self=True, max_tile_elements=tile)
+        assert_exact(d, i, r, r, 6, metric, [{j} for j in range(700)])
+    assert calls == [90, 700] * 2
+
+
+def test_near_duplicates_are_accurate(rng):
     x = clustered(rng, 400, 64, offset=20.0)
     x[200:] = x[:200] + 1e-3 * rng.normal(size=(200, 64)).astype(np.float32)
     exp, _ = brute(x, x, 3, "l2", [{j} for j in range(400)])
     d16, _ = knn(x, x, 3, exclude_self=True, precision="bf16")
-    d32, _ = knn(x, x, 3, exclude_self=True, precision="fp32")
-    err16 = (np.abs(d16.numpy() - exp) / exp).max()
-    err32 = (np.abs(d32.numpy() - exp) / exp).max()
-    assert err16 < 1e-6 and err32 > 1e-4  # fp32's |q|^2 + |r|^2 - 2 q.r cancels
+    assert d16.dtype == torch.float32
+    assert (np.abs(d16.numpy() - exp) / exp).max() < 1e-6  # difference-form re-rank: no cancellation
+
+
+@pytest.mark.parametrize("scale", [1e-20, 3e-20, 1e17, 1e19])
+def test_tiny_and_huge_scales(scale, rng, monkeypatch):
+    """Data far from 1 in magnitude: bf16 / AMX flush subnormals to zero and squared norms overflow
+    unless the search runs in a power-of-two scaled frame (1e19: even the squared distances exceed fp32;
+    the distances themselves do not)."""
+    calls = count_fallback_rows(monkeypatch)
+    x = (clustered(rng, 400, 32, offset=2.0).astype(np.float64) * scale).astype(np.float32)
+    d, i = run(x, x, 4, "l2", exclude_self=True)
+    assert_exact(d, i, x, x, 4, "l2", [{j} for j in range(400)], atol=0)
+    q = x[::9] * np.float32(0.75)
+    d, i = run(q, x, 4, "l2")
+    assert_exact(d, i, q, x, 4, "l2", atol=0)
+    assert not calls
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_inputs_raise(precision):
+    x = np.random.default_rng(2).normal(size=(60, 4)).astype(np.float32)
+    for bad, where in ((np.nan, "query"), (np.inf, "reference"), (-np.inf, "self")):
+        q, r = x.copy(), x.copy()
+        (r if where == "reference" else q)[7, 2] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            if where == "self":
+                knn(q, q, 3, exclude_self=True, precision=precision)
+            else:
+                knn(q, r, 3, precision=precision, metric="cosine")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_exclusions_out_of_range_raise(precision):
+    rng = np.random.default_rng(3)
+    r = rng.normal(size=(50, 4)).astype(np.float32)
+    q = r[:10] + 0.1
+    for bad in (50, -2):
+        ex = np.full((10, 1), -1)
+        ex[4] = bad
+        with pytest.raises(ValueError, match="exclude"):
+            knn(q, r, 3, exclude=ex, precision=precision)
+    ex = np.full((10, 1), 49)
+    d, i = knn(q, r, 3, exclude=ex, precision=precision)
+    assert_exact(d, i, q, r, 3, "l2", [{49}] * 10, atol=1e-4)  # (fp32's expansion: not exact)
 
 
 def test_tiny_tiles_tails_and_padding(rng):
@@ -134,10 +226,13 @@ def test_tiny_tiles_tails_and_padding(rng):
 
 
 def test_error_bound_holds(rng):
-    """The inequality the exactness rests on: |v - d2| <= E_q + RHO |v| for every pair of a bf16 block."""
-    for scale, offset in ((1.0, 0.0), (1e3, 0.0), (1e-3, 5e-3)):
-        x = torch.from_numpy(clustered(rng, 600, 48, spread=0.05) * scale + offset)
-        xc = x - x.mean(0)
+    """The inequality the exactness rests on: |v - d2| <= E_q + RHO |v| for every pair of a bf16 block,
+    in the centred and scaled frame of the search."""
+    for scale, offset in ((1.0, 0.0), (1e3, 0.0), (1e-3, 5e-3), (1e-20, 0.0), (1e19, 3e19)):
+        x = torch.from_numpy((clustered(rng, 600, 48, spread=0.05) * scale + offset).astype(np.float32))
+        frame = K._frame(x, x, True)
+        xc = frame.apply(x)
+        assert float(torch.linalg.vector_norm(xc, dim=1).max()) <= 1
         sp = K._split(xc)
         v = K._bf16_gemm(K._form(sp, 0, 600, True), K._form(sp, 0, 600, False)).double()
         xd = xc.double()
@@ -148,29 +243,29 @@ def test_error_bound_holds(rng):
 
 
 def test_bf16_search_needs_no_fallback_on_ordinary_data(rng, monkeypatch):
-    """Blocks wide enough for 64+ groups (tile 2880 and a tail), few fallbacks."""
-    calls = []
-    fp32 = K._torch_knn
-    monkeypatch.setattr(K, "_torch_knn", lambda *a, **kw: calls.append(1) or fp32(*a, **kw))
+    """Blocks wide enough for 64+ groups (tile 2880 and a tail), no fallback."""
+    calls = count_fallback_rows(monkeypatch)
     x = clustered(rng, 3000, 8)
     d, i = run(x, x, 10, "l2", exclude_self=True)
     assert not calls
     assert_exact(d, i, x, x, 10, "l2", [{j} for j in range(3000)])
 
 
+@pytest.mark.parametrize("kp", [6, 72])
 @pytest.mark.parametrize("shape", [(100, 130), (700, 2900)])
-def test_prune_keeps_every_entry_that_can_enter(shape):
-    """Warm rows: exactly the entries below the threshold; cold rows: at least their kp smallest entries;
-    never an excluded (+inf) entry. Both block directions, negative keys, tails."""
+def test_prune_keeps_every_entry_that_can_enter(shape, kp):
+    """Warm rows: exactly the entries below the threshold; cold rows: at least their kp smallest entries
+    (with fewer than kp groups, e.g. kp = 72 at 2880 columns = 64 groups: exactly the entries up to the
+    kp-th smallest); never an excluded (+inf) entry. Both block directions, negative keys, tails."""
     gen = torch.Generator().manual_seed(0)
     keys = torch.randint(-300, 3000, shape, dtype=torch.int16, generator=gen)
     keys[torch.rand(shape, generator=gen) < 0.05] = K.KEY_INF
-    kp = 6
     for dim in (1, 0):
         view = keys if dim == 1 else keys.T  # [queries, references]
         tau = torch.randint(-200, 300, (view.shape[0],), dtype=torch.int16, generator=gen)
         tau[::3] = K.KEY_EMPTY
-        q, ref, key, grouped, lowest = K._prune(keys, tau, kp, dim)
+        q, ref, key, grouped, lowest = hits = K._prune(keys, tau, kp, dim)
+        assert hits.lowest == lowest and hits.grouped == grouped
         assert lowest == int(keys.min())
         assert not grouped or bool((q[1:] >= q[:-1]).all())
         assert torch.equal(view[q, ref], key) and (key < K.KEY_INF).all()
@@ -182,6 +277,8 @@ def test_prune_keeps_every_entry_that_can_enter(shape):
         kth = torch.kthvalue(view[~warm].int(), kp, dim=1).values[:, None]
         assert (got[~warm] | (view[~warm] >= kth)).all()  # every entry below the kp-th smallest
         assert ((got[~warm] & (view[~warm] <= kth)).sum(1) >= kp).all()  # and kp entries up to it
+        if view.shape[1] // K.GROUP < kp:
+            assert torch.equal(got[~warm], view[~warm] <= kth)
 
 
 def test_precision_argument():

@@ -12,26 +12,35 @@ is part of the reference. ``exclude_self=True`` is the shorthand ``exclude[i] = 
 by index, never by distance, so exact duplicates of the query still count as neighbours.
 
 If fewer than ``k`` admissible reference points exist, the missing entries are ``inf`` / ``-1``.
+Inputs must be finite and exclusions must be ``-1`` or in ``[0, m)``: anything else raises ValueError
+(for every backend and precision; a NaN embedding is a bug upstream, not a point to skip).
 
 Backends:
 
-- ``torch``: exact, tiled. Query and reference are processed in tiles whose distance block holds at
-  most ``max_tile_elements`` entries, keeping a running top-k, so memory is O(tile + n·k), never
+- ``torch``: exhaustive, tiled. Query and reference are processed in tiles whose distance block holds
+  at most ``max_tile_elements`` entries, keeping a running top-k, so memory is O(tile + n·k), never
   O(n·m). Runs on CPU or CUDA (``device``). A self-join (the same tensor as query and reference with
   ``exclude_self`` and symmetric exclusions) computes each pair of tiles once and uses the block for
-  both. ``precision`` picks how the blocks are computed (the result is exact either way):
+  both. ``precision`` picks how the blocks are computed (both compare every pair; they differ in
+  rounding):
 
   - ``"fp32"``: ``d2 = |q|^2 + |r|^2 - 2 q.r`` by float32 GEMM, per-block two-stage exact top-k
     (``_block_topk``). The expansion cancels for near-duplicates: distances much smaller than
     ``|q|`` carry an absolute error of about ``2^-22 (|q|^2 + |r|^2)``.
   - ``"bf16"``: a bfloat16 GEMM (AMX / AVX512-BF16 / tensor cores) finds candidates, which are
-    re-ranked exactly in float32 (``|q - r|^2``, difference form: no cancellation, so this mode is
-    *more* accurate than ``"fp32"``). Data are centred (c = mean of the reference; distances are
-    translation invariant) and split as ``x = xh + xl + xe`` (``xh, xl`` bf16), ``|x|^2 = sh + sl``;
-    one GEMM of ``3d + 4`` columns, accumulated in fp32, gives
+    re-ranked in float32 in difference form, ``|q - r|^2`` (no cancellation: relative error
+    ``<= (d + 4) 2^-23`` against float64 on the same float32 inputs), and checked; the result is the
+    exact k nearest up to that rounding (ties and near-ties within it: any of them), so this mode is
+    *more* accurate than ``"fp32"``. Frame: data are centred (c = mean of the reference; distances
+    are translation invariant) and multiplied by a power of two (exact) that brings every centred
+    query and reference row to norm <= 1, so tiny (1e-20) or huge (1e19) data neither flush to zero
+    in bf16 / AMX nor overflow the squared norms; the re-rank uses the same scale, the output undoes
+    it. Rows are split as ``x = xh + xl + xe`` (``xh, xl`` bf16), ``|x|^2 = sh + sl``; one GEMM of
+    ``3d + 4`` columns, accumulated in fp32, gives
     ``v = bf16(-2 (qh.rh + qh.rl + ql.rh) + sq + sr) = d2 + err`` with
     ``|err| <= E_q + 2^-8 |v|``, where ``E_q`` (``_error_bound``: Cauchy-Schwarz on the dropped terms
-    ``qh.re + ql.(r - rh) + qe.r``, the norm split, gamma_{3d+4} for the fp32 accumulation) is
+    ``qh.re + ql.(r - rh) + qe.r``, the norm split, gamma_{3d+4} for the fp32 accumulation, and an
+    absolute ``(12d + 16) 2^-126`` for subnormals flushed to zero) is
     about ``2^-12.6 |q||r|`` at d = 128 (``2^-11`` at d = 512; mostly the worst-case accumulation
     term), next to the final rounding of ``v`` to bf16, ``2^-8 |v|``. Per query the ``kp = k + 8``
     smallest ``v`` are kept (int16 bit patterns of ``v`` are compared; group minima prune blocks
@@ -40,15 +49,20 @@ Backends:
     the re-ranked list, every reference left out has ``v >= v_kp``, hence
     ``d >= sqrt(v_kp (1 - 2^-8) - E_q) - s_q`` (``s_q`` bounds the fp32 centring error); if that is
     ``> D`` (with the fp32 rounding of the re-rank), no left-out reference can be among the k nearest,
-    and the re-ranked list is the exact answer (ties at the k-th distance: any of them). Rows that
-    fail (more ties or near-ties within ~2^-7 of the k-th squared distance than the list holds)
-    are retried with margins of 32 and 128; rows failing those (more than ``k + 128`` near-equal
-    candidates, e.g. a large group of duplicates) fall back to an fp32 search of ``k + 8``
-    candidates re-ranked exactly: for those rows the guarantee is the fp32 path's. Assumptions: the
-    GEMM accumulates in fp32 and rounds to nearest (oneDNN, cuBLAS with reduced-precision reduction
-    switched off during the call), no overflow or underflow. Extra memory: the bf16 split (about one
-    fp32 copy of query and reference) and up to ``FORM_CACHE_BYTES`` of GEMM operands. ``"auto"``
-    (default) is ``"bf16"`` on CPUs with native bf16 GEMMs (``bf16_is_fast``), else ``"fp32"``.
+    and the re-ranked list is the exact answer. Rows that fail (more ties or near-ties within ~2^-7
+    of the k-th squared distance than the list holds) are retried with margins of 32 and 128; rows
+    failing those (more than ``k + 128`` near-equal candidates, e.g. a large group of duplicates) get
+    an exact brute force (``_bf16_fallback``): their bf16 blocks are recomputed and every reference
+    with ``v <= ((D + s_q)^2 + E_q) / (1 - 2^-8)`` (all others are provably farther than ``D``) is
+    re-ranked in difference form, streamed tile by tile (memory: one block). The guarantee is the
+    same for every row. It assumes finite inputs (enforced) and a GEMM that accumulates in fp32 and
+    rounds to nearest (oneDNN on CPU; cuBLAS with reduced-precision reduction switched off during the
+    call). On CUDA, tensor cores may truncate the accumulation: there the accumulation term of
+    ``E_q`` uses twice the unit roundoff, and ``"auto"`` never picks bf16 on CUDA (it uses
+    ``"fp32"``: the bf16 path is neither timed nor tested on GPUs). Extra memory: the bf16 split
+    (about one fp32 copy of query and reference) and up to ``FORM_CACHE_BYTES`` of GEMM operands.
+    ``"auto"`` (default) is ``"bf16"`` on CPUs with native bf16 GEMMs (``bf16_is_fast``), else
+    ``"fp32"``.
 - ``faiss``: ``flat`` (exact, IndexFlatL2 / IndexFlatIP) or ``ivf`` (IndexIVFFlat, approximate:
   ``nlist`` inverted lists, ``nprobe`` visited per query). Uses faiss-gpu when it is importable and
   ``device`` is CUDA. Searches ``k + e`` neighbours and removes the excluded ones afterwards.
@@ -72,13 +86,14 @@ REFERENCE_TILE = 8192
 
 
 def _as_tensor(x: Array) -> torch.Tensor:
+    """``x`` as a float32 tensor without autograd history (NumPy arrays: shared memory where possible)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     return x.detach().float()
 
 
-def _exclusions(n: int, exclude: Array | None, exclude_self: bool) -> torch.Tensor | None:
-    """The ``[n, e]`` exclusion matrix (or None)."""
+def _exclusions(n: int, m: int, exclude: Array | None, exclude_self: bool) -> torch.Tensor | None:
+    """The ``[n, e]`` exclusion matrix (or None); entries must be -1 or a reference index in ``[0, m)``."""
     parts = []
     if exclude is not None:
         ex = torch.as_tensor(np.asarray(exclude) if isinstance(exclude, np.ndarray) else exclude).long()
@@ -86,7 +101,10 @@ def _exclusions(n: int, exclude: Array | None, exclude_self: bool) -> torch.Tens
             ex = ex[:, None]
         if ex.shape[0] != n:
             raise ValueError(f"exclude has {ex.shape[0]} rows for {n} queries")
-        parts.append(ex.cpu())
+        ex = ex.cpu()
+        if ex.numel() and bool(((ex < -1) | (ex >= m)).any()):
+            raise ValueError(f"knn: exclude holds indices other than -1 and the reference indices [0, {m})")
+        parts.append(ex)
     if exclude_self:
         parts.append(torch.arange(n)[:, None])
     if not parts:
@@ -94,14 +112,21 @@ def _exclusions(n: int, exclude: Array | None, exclude_self: bool) -> torch.Tens
     return torch.cat(parts, dim=1)
 
 
+def _check_finite(x: torch.Tensor) -> None:
+    """Raise ValueError if ``x`` holds NaN or +-inf (column minima / maxima propagate both: no temporary)."""
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x, dim=0))).all()):
+        raise ValueError("knn: query/reference contain non-finite values")
+
+
 def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: Array | None = None,
         exclude_self: bool = False, backend: str = "torch", device: str | torch.device | None = None,
         max_tile_elements: int = DEFAULT_TILE_ELEMENTS, index: str = "flat", nlist: int | None = None,
         nprobe: int = 8, seed: int = 0, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` nearest reference rows of every query row: ``(distances [n, k] float32, indices [n, k] int64)``.
+    """The ``k`` nearest reference rows of every query row.
 
-    Both outputs are on the CPU. See the module docstring for metrics, exclusion, backends and
-    ``precision`` ("auto", "fp32", "bf16"; torch backend only, faiss ignores it).
+    Returns ``(distances [n, k] float32, indices [n, k] int64)``, both on the CPU. See the module
+    docstring for metrics, exclusion, backends and ``precision`` ("auto", "fp32", "bf16"; torch backend
+    only, faiss ignores it). Raises ValueError for non-finite inputs and out-of-range exclusions.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
@@ -113,14 +138,18 @@ def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: 
         raise ValueError(f"k must be >= 1, got {k}")
     q, r = _as_tensor(query), _as_tensor(reference)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
-        raise ValueError(f"query {tuple(q.shape)} and reference {tuple(r.shape)} must be 2-D with equal width")
+        raise ValueError(f"query {tuple(q.shape)} and reference {tuple(r.shape)} must be 2-D with equal "
+                         "width")
     if exclude_self and q.shape[0] != r.shape[0]:
         raise ValueError("exclude_self needs the query to be the reference (same number of rows)")
     same = exclude_self and q.data_ptr() == r.data_ptr() and q.shape == r.shape and q.stride() == r.stride()
+    _check_finite(q)
+    if not same:
+        _check_finite(r)
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
         r = q if same else torch.nn.functional.normalize(r, dim=1)
-    ex = _exclusions(q.shape[0], exclude, exclude_self)
+    ex = _exclusions(q.shape[0], r.shape[0], exclude, exclude_self)
     dev = torch.device(device) if device is not None else q.device
     bf16 = backend == "torch" and (precision == "bf16" or (precision == "auto" and bf16_is_fast(dev)))
     if bf16:
@@ -131,14 +160,16 @@ def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: 
         sq_dist, idx = _torch_knn(q, r, k, ex, device, max_tile_elements)
     else:
         sq_dist, idx = _faiss_knn(q, r, k, ex, device, index, nlist, nprobe, seed)
-    sq_dist = sq_dist.clamp_min(0)
+    sq_dist = sq_dist.clamp_min(0)  # float64 from the bf16 path (squared distances may exceed fp32's range)
     dist = sq_dist / 2 if metric == "cosine" else sq_dist.sqrt()  # unit vectors: ||q-r||^2 = 2 (1 - cos)
+    dist = dist.float()
     dist[idx < 0] = math.inf
     return dist, idx
 
 
 def _torch_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None,
-               device: str | torch.device | None, max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+               device: str | torch.device | None,
+               max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact squared-L2 top-k by tiles: ``d2 = |q|^2 + |r|^2 - 2 q.r``, one tile of distances at a time."""
     device = torch.device(device) if device is not None else q.device
     n, m = q.shape[0], r.shape[0]
@@ -234,7 +265,8 @@ def _block_topk(block: torch.Tensor, kk: int, dim: int = 1) -> tuple[torch.Tenso
     group minimum is an element-wise minimum of contiguous slices, which vectorises). Fewer than
     ``kk`` groups can have a minimum below the kk-th smallest value, so the ``kk`` groups with the
     smallest minima contain all the ``kk`` smallest entries; the final top-k runs over
-    ``kk * GROUP`` candidates only (done by the caller, merged with its running best). Along ``dim=0`` this needs no transposed copy of the block.
+    ``kk * GROUP`` candidates only (done by the caller, merged with its running best). Along ``dim=0``
+    this needs no transposed copy of the block.
     """
     size, other = block.shape[dim], block.shape[1 - dim]
     n_groups = size // GROUP
@@ -261,7 +293,7 @@ def _block_topk(block: torch.Tensor, kk: int, dim: int = 1) -> tuple[torch.Tenso
 
 def _merge_topk(best_d: torch.Tensor, best_i: torch.Tensor, block: torch.Tensor, offset: int,
                 kk: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k update: the block's own top-k along ``dim`` merged with the current best (kept sorted)."""
+    """Running top-k update: the block's own top-k along ``dim`` merged with the current best (sorted)."""
     d, i = _block_topk(block, min(kk, block.shape[dim]), dim)
     merged_d = torch.cat([best_d, d], dim=1)
     merged_i = torch.cat([best_i, i + offset], dim=1)
@@ -272,21 +304,23 @@ def _merge_topk(best_d: torch.Tensor, best_i: torch.Tensor, block: torch.Tensor,
 # ------------------------------------------------------------------ bf16 candidate search + exact re-rank
 
 KEY_INF = 0x7F80  # bfloat16 +inf read as int16: excluded entries; finite values stay below it
+KEY_MAX = 0x7F7F  # the largest finite bfloat16 read as int16
 KEY_EMPTY = 0x7FFF  # an empty slot of a running candidate list (a NaN pattern, above KEY_INF)
 RHO = 2.0**-8  # round-to-nearest to bfloat16: |x - bf16(x)| <= 2^-8 |bf16(x)|
-CANDIDATE_MARGIN = 8  # candidates kept beyond k (x4 per retry, for the rows the check rejects)
-RETRIES = 2  # bf16 retries with a wider candidate list before the remaining rows go to the fp32 path
+CANDIDATE_MARGINS = (8, 32, 128)  # candidates kept beyond k: first attempt, then the retries of rejected rows
 LOCALITY_PIVOTS = 256  # cells of the visiting order of the bf16 search
 FORM_CACHE_BYTES = 1 << 28  # augmented rows of both sides built once up to this size, else per tile
 SPLIT_ELEMENTS = 1 << 22  # rows x columns per chunk when splitting the inputs into bf16
 RERANK_ELEMENTS = 1 << 18  # gathered candidate coordinates per re-rank chunk (1 MB of fp32: stays in cache)
+TINY = 2.0**-126  # the smallest normal float32 (and bfloat16): below it, AMX / oneDNN flush to zero
 
 
 def bf16_is_fast(device: str | torch.device | None = None) -> bool:
     """Whether ``precision="auto"`` picks bf16: on CPUs with AMX or AVX512-BF16 (native bf16 GEMMs).
 
-    CUDA stays on fp32 under "auto": the bf16 path runs there when asked for explicitly, but it has been
-    neither timed nor tested on a GPU."""
+    CUDA stays on fp32 under "auto": the bf16 path runs there when asked for explicitly (with the
+    accumulation bound doubled for tensor cores that truncate), but it has been neither timed nor tested
+    on a GPU."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cpu":
         return False
@@ -294,9 +328,40 @@ def bf16_is_fast(device: str | torch.device | None = None) -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+class _Frame(NamedTuple):
+    """Coordinates of the bf16 search: ``(x - center) * scale``, ``scale`` a power of two that brings the
+    centred rows to norms <= 1 (no bf16 / fp32 underflow or overflow; exact, so the re-rank may use it)."""
+
+    center: torch.Tensor
+    scale: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - center) * scale`` (a new tensor)."""
+        x = x - self.center
+        return x if self.scale == 1.0 else x.mul_(self.scale)
+
+
+def _frame(q: torch.Tensor, r: torch.Tensor, self_join: bool) -> _Frame:
+    """The centre (mean of the reference, or the midpoint of the bounding box if the mean overflows) and the
+    scale ``2^-e`` with ``sqrt(d) max |x - center|_inf <= 2^e`` over query and reference rows."""
+    lo, hi = torch.aminmax(r, dim=0)
+    if not self_join and q.shape[0]:
+        q_lo, q_hi = torch.aminmax(q, dim=0)
+        lo, hi = torch.minimum(lo, q_lo), torch.maximum(hi, q_hi)
+    center = r.mean(0)
+    if not bool(torch.isfinite(center).all()):
+        center = lo / 2 + hi / 2
+    c = center.double()
+    reach = float(torch.maximum(hi.double() - c, c - lo.double()).max()) * math.sqrt(r.shape[1])
+    if not 0 < reach < math.inf:
+        return _Frame(center, 1.0)
+    exponent = math.frexp(reach * (1 + 2.0**-20))[1]  # reach (1 + 2^-20) <= 2^exponent
+    return _Frame(center, math.ldexp(1.0, -max(-120, min(120, exponent))))
+
+
 class _Split(NamedTuple):
-    """Rows ``x = hi + lo + res`` (``hi, lo`` bf16, all subtractions exact in fp32) and ``|x|^2 = s_hi + s_lo``
-    (+ error), with the norms that enter the error bound."""
+    """Rows ``x = hi + lo + res`` (``hi, lo`` bf16, all subtractions exact in fp32) and
+    ``|x|^2 = s_hi + s_lo`` (+ error), with the norms that enter the error bound."""
 
     hi: torch.Tensor
     lo: torch.Tensor
@@ -305,11 +370,13 @@ class _Split(NamedTuple):
     norms: dict[str, torch.Tensor]
 
     def take(self, rows: torch.Tensor) -> _Split:
+        """The split of the rows ``rows`` (a copy)."""
         return _Split(self.hi[rows], self.lo[rows], self.s_hi[rows], self.s_lo[rows],
                       {name: v[rows] for name, v in self.norms.items()})
 
 
 def _split(x: torch.Tensor) -> _Split:
+    """Split the fp32 rows ``x`` (already centred and scaled) into ``hi + lo + res`` and their norms."""
     hi = x.bfloat16()
     res = x - hi  # fp32, exact; then minus lo, in place (few large temporaries: they cost page faults)
     lo = res.bfloat16()
@@ -323,15 +390,16 @@ def _split(x: torch.Tensor) -> _Split:
     return _Split(hi, lo, s_hi, s_lo, norms)
 
 
-def _split_rows(x: torch.Tensor, center: torch.Tensor, rows: torch.Tensor) -> _Split:
-    """``_split(x[rows] - center)``, by chunks (no full-size fp32 temporaries)."""
+def _split_rows(x: torch.Tensor, frame: _Frame, rows: torch.Tensor) -> _Split:
+    """``_split(frame.apply(x[rows]))``, by chunks (no full-size fp32 temporaries)."""
     n, d = rows.numel(), x.shape[1]
     kw = {"dtype": torch.bfloat16, "device": x.device}
-    out = _Split(torch.empty((n, d), **kw), torch.empty((n, d), **kw), torch.empty(n, **kw), torch.empty(n, **kw),
-                 {name: torch.empty(n, device=x.device) for name in ("x", "hi", "lo", "res", "sq")})
+    norms = {name: torch.empty(n, device=x.device) for name in ("x", "hi", "lo", "res", "sq")}
+    out = _Split(torch.empty((n, d), **kw), torch.empty((n, d), **kw), torch.empty(n, **kw),
+                 torch.empty(n, **kw), norms)
     chunk = max(1, SPLIT_ELEMENTS // max(1, d))
     for s in range(0, n, chunk):
-        part = _split(x[rows[s:s + chunk]] - center)
+        part = _split(frame.apply(x[rows[s:s + chunk]]))
         for dst, src in zip(out[:4], part[:4], strict=True):
             dst[s:s + chunk] = src
         for name, v in part.norms.items():
@@ -339,15 +407,16 @@ def _split_rows(x: torch.Tensor, center: torch.Tensor, rows: torch.Tensor) -> _S
     return out
 
 
-def _cells(x: torch.Tensor, center: torch.Tensor, pivots: torch.Tensor, query: bool) -> torch.Tensor:
+def _cells(x: torch.Tensor, frame: _Frame, pivots: torch.Tensor, query: bool) -> torch.Tensor:
     """Each row's pivot with the smallest bf16 key (``pivots``: augmented rows of the other form), by
     chunks. Only an ordering: its precision does not matter."""
     n, d = x.shape
     chunk = max(1, SPLIT_ELEMENTS // max(d, pivots.shape[0]))
     cells = []
     for s in range(0, n, chunk):
-        part = _split(x[s:s + chunk] - center)
-        cells.append(_bf16_gemm(_form(part, 0, part.hi.shape[0], query), pivots).view(torch.int16).argmin(dim=1))
+        part = _split(frame.apply(x[s:s + chunk]))
+        keys = _bf16_gemm(_form(part, 0, part.hi.shape[0], query), pivots)
+        cells.append(keys.view(torch.int16).argmin(dim=1))
     return torch.cat(cells)
 
 
@@ -364,21 +433,29 @@ def _form(sp: _Split, start: int, end: int, query: bool, out: torch.Tensor | Non
     return torch.cat(parts, dim=1, out=out[:end - start])
 
 
-def _error_bound(nq: dict[str, torch.Tensor], nr: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+def _error_bound(nq: dict[str, torch.Tensor], nr: dict[str, torch.Tensor], d: int,
+                 truncating: bool = False) -> torch.Tensor:
     """Per query, ``E_q >= |v - d2| - RHO |v|`` for every reference (``v``: the bf16 block value).
 
     With ``q = qh + ql + qe`` (``r`` alike), ``q.r - (qh.rh + qh.rl + ql.rh) = qh.re + ql.(r - rh) + qe.r``,
     bounded by Cauchy-Schwarz; the squared norms carry ``gamma_d + 2^-16`` relative error (fp32 sum,
     two-term bf16 split); the fp32 accumulation of the ``3d + 4`` exact products adds ``gamma_{3d+4}``
-    times their absolute sum. The reference side is taken at its maximum; ``1 + 2^-10`` covers the fp32
-    rounding of the bound itself. The final rounding of the sum to bf16 is the ``RHO |v|`` term."""
-    unit = 2.0**-24
-    gamma_d, gamma_dd = d * unit / (1 - d * unit), (3 * d + 4) * unit / (1 - (3 * d + 4) * unit)
+    times their absolute sum (``truncating``: an accumulator that truncates instead of rounding, e.g.
+    tensor cores, doubles the unit roundoff). Flushing subnormal operands, products, partial sums and the
+    output to zero costs at most ``(3d + 4) (2.02 + 1) 2^-126 + 2^-126``, here ``(12d + 16) 2^-126``, for
+    rows of norm <= 1 (augmented entries <= 2.02; see :class:`_Frame`). The reference side is taken at
+    its maximum; ``1 + 2^-10`` covers the fp32 rounding of the bound itself. The final rounding of the
+    sum to bf16 is the ``RHO |v|`` term."""
+    unit, acc_unit = 2.0**-24, 2.0**-23 if truncating else 2.0**-24
+    gamma_d, gamma_dd = d * unit / (1 - d * unit), (3 * d + 4) * acc_unit / (1 - (3 * d + 4) * acc_unit)
     r_sq = nr["sq"].max()
-    products = 2 * (nq["hi"] * nr["res"].max() + nq["lo"] * (nr["lo"] + nr["res"]).max() + nq["res"] * nr["x"].max())
+    products = 2 * (nq["hi"] * nr["res"].max() + nq["lo"] * (nr["lo"] + nr["res"]).max()
+                    + nq["res"] * nr["x"].max())
     norms = (gamma_d + 2.0**-16) * (1 + gamma_d) * (nq["sq"] + r_sq)
-    accumulation = gamma_dd * (2 * (nq["hi"] + nq["lo"]) * (nr["hi"] + nr["lo"]).max() + (1 + 2.0**-7) * (nq["sq"] + r_sq))
-    return (products + norms + accumulation) * (1 + 2.0**-10)
+    accumulation = gamma_dd * (2 * (nq["hi"] + nq["lo"]) * (nr["hi"] + nr["lo"]).max()
+                               + (1 + 2.0**-7) * (nq["sq"] + r_sq))
+    flush = (12 * d + 16) * TINY
+    return (products + norms + accumulation + flush) * (1 + 2.0**-10)
 
 
 def _bf16_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -397,8 +474,17 @@ def _bf16_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
-def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int,
-           floor: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int]:
+class _Hits(NamedTuple):
+    """The entries of a key block that :func:`_prune` keeps, as local (query, reference, key) triples."""
+
+    q: torch.Tensor
+    ref: torch.Tensor
+    key: torch.Tensor
+    grouped: bool  # the triples of each query are consecutive
+    lowest: int  # the block's smallest key
+
+
+def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int, floor: int | None = None) -> _Hits:
     """The entries of an int16 key block that can enter the queries' running top-``kp``.
 
     ``dim`` is the reference axis (1: queries are rows; 0: queries are columns). Keys are bf16 bit
@@ -406,15 +492,15 @@ def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int,
     them. Group minima (strided groups of about ``GROUP``, as in :func:`_block_topk`) are compared with the
     query's threshold ``tau`` (its current kp-th key, strict); only groups below it are read. A query
     whose list is not full yet takes the kp-th smallest group minimum of this block as its threshold
-    (inclusive): at least kp entries lie at or below it. Returns local (query, reference, key) triples,
-    whether they come ordered by query (then :func:`_merge_candidates` needs no sort), and the block's
-    smallest key. ``floor``: a known smallest key of the block (from the other direction); when no
-    threshold is above it, the block is not read at all."""
+    (inclusive; with fewer than kp groups, the kp-th smallest key of its row): at least kp entries lie
+    at or below it. Returns the local (query, reference, key) triples, whether they come ordered by query
+    (then :func:`_merge_candidates` needs no sort), and the block's smallest key. ``floor``: a known
+    smallest key of the block (from the other direction); when no threshold is above it, the block is
+    not read at all."""
     nq, size = keys.shape[1 - dim], keys.shape[dim]
     empty = torch.empty(0, dtype=torch.long, device=keys.device)
-    none = (empty, empty, empty.to(torch.int16), True)
     if floor is not None and floor >= int(tau.clamp(max=KEY_INF).max()):  # (cold lists: threshold KEY_INF)
-        return (*none, floor)
+        return _Hits(empty, empty, empty.to(torch.int16), True, floor)
     n_groups = size // GROUP
     if n_groups >= 64:  # a multiple of 64 groups: the strided minimum vectorises (2x faster at 2880)
         n_groups -= n_groups % 64
@@ -428,9 +514,12 @@ def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int,
             minima = keys[:, :main].reshape(nq, members, n_groups).amin(dim=1)
         else:
             minima = keys[:main].view(members, n_groups, nq).amin(dim=0).T
-        if n_groups >= kp and bool(cold.any()):
-            cold_th = torch.kthvalue(minima[cold], kp, dim=1).values.to(torch.int32) + 1
-            th = th.masked_scatter(cold, cold_th)
+    if bool(cold.any()) and size >= kp:
+        if minima is not None and n_groups >= kp:
+            cold_th = torch.kthvalue(minima[cold], kp, dim=1).values
+        else:  # few groups (k >= 57 at the usual tile): the kp-th smallest key of each cold row itself
+            cold_th = torch.kthvalue(keys[cold] if dim == 1 else keys[:, cold].T, kp, dim=1).values
+        th = th.masked_scatter(cold, cold_th.to(torch.int32) + 1)
     th = th.clamp(max=KEY_INF).to(torch.int16)  # excluded (+inf) entries never pass
     out = []
     lowest = KEY_EMPTY
@@ -452,7 +541,8 @@ def _prune(keys: torch.Tensor, tau: torch.Tensor, kp: int, dim: int,
         q, j = (tail < th[:, None]).nonzero(as_tuple=True)
         out.append((q, j + main, tail[q, j]))
     q, ref, key = (torch.cat(parts) for parts in zip(*out, strict=True))
-    return q, ref, key, dim == 1 and len(out) == 1, lowest  # nonzero is row-major: a row's hits are consecutive
+    # nonzero is row-major: with one part, a row's hits are consecutive
+    return _Hits(q, ref, key, dim == 1 and len(out) == 1, lowest)
 
 
 def _merge_candidates(best_k: torch.Tensor, best_i: torch.Tensor, q: torch.Tensor, ref: torch.Tensor,
@@ -489,9 +579,9 @@ def _update(best_k: torch.Tensor, best_i: torch.Tensor, block: torch.Tensor, dim
             floor: int | None = None) -> int:
     """Running top-kp update, from a bf16 block, of the queries along ``1 - dim``; returns the block's
     smallest key (see :func:`_prune`)."""
-    q, ref, key, grouped, lowest = _prune(block.view(torch.int16), best_k[:, -1], best_k.shape[1], dim, floor)
-    _merge_candidates(best_k, best_i, q, ref + offset, key, grouped)
-    return lowest
+    hits = _prune(block.view(torch.int16), best_k[:, -1], best_k.shape[1], dim, floor)
+    _merge_candidates(best_k, best_i, hits.q, hits.ref + offset, hits.key, hits.grouped)
+    return hits.lowest
 
 
 class _Forms:
@@ -505,9 +595,16 @@ class _Forms:
         self.buf = None if cached else torch.empty((tile, width), dtype=torch.bfloat16, device=sp.hi.device)
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
+        """The augmented rows ``start:end`` (a view of the cache or of the reused buffer)."""
         if self.all is not None:
             return self.all[start:end]
         return _form(self.sp, start, end, self.query, self.buf)
+
+
+def _general_tiles(n: int, m: int, max_tile_elements: int) -> tuple[int, int]:
+    """Query and reference tile sizes of the general (not self-join) paths."""
+    r_tile = max(1, min(m, REFERENCE_TILE, max_tile_elements))
+    return max(1, min(n, max_tile_elements // r_tile)), r_tile
 
 
 def _bf16_candidates(sq: _Split, sr: _Split, kp: int, ex: torch.Tensor | None, self_join: bool,
@@ -539,8 +636,7 @@ def _bf16_candidates(sq: _Split, sr: _Split, kp: int, ex: torch.Tensor | None, s
             if j0 != i0:
                 _update(best_k[j0:j1], best_i[j0:j1], block, 0, i0, lowest)
         return best_k, best_i
-    r_tile = max(1, min(m, REFERENCE_TILE, max_tile_elements))
-    q_tile = max(1, min(n, max_tile_elements // r_tile))
+    q_tile, r_tile = _general_tiles(n, m, max_tile_elements)
     n_tiles = math.ceil(m / r_tile)
     buf = torch.empty(q_tile * r_tile, dtype=torch.bfloat16, device=device)
     form_q, form_r = _Forms(sq, True, q_tile, cached), _Forms(sr, False, r_tile, cached)
@@ -557,10 +653,21 @@ def _bf16_candidates(sq: _Split, sr: _Split, kp: int, ex: torch.Tensor | None, s
     return best_k, best_i
 
 
-def _exact_topk(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For queries ``q[rows]``: the ``k`` smallest exact fp32 ``|q - r|^2`` (difference form: no
-    cancellation) among their candidate reference indices ``cand`` (``-1`` = none), sorted, and the indices."""
+def _exact_d2(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, refs: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """``|(r[refs] - q[rows]) * scale|^2`` in fp32, difference form (no cancellation; the exact power-of-two
+    scale keeps tiny and huge data clear of underflow and overflow). ``rows, refs``: same shape ``[..., c]``
+    (``rows`` may broadcast), valid indices."""
+    diff = r.index_select(0, refs.reshape(-1)).view(*refs.shape, -1).sub_(q[rows])
+    if scale != 1.0:
+        diff.mul_(scale)
+    return diff.mul_(diff).sum(-1)
+
+
+def _exact_topk(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, k: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For queries ``q[rows]``: the ``k`` smallest exact :func:`_exact_d2` among their candidate reference
+    indices ``cand`` (``-1`` = none), sorted, and the indices."""
     n, kp = cand.shape
     kk = min(k, kp)
     out_d = torch.empty((n, kk), device=q.device)
@@ -569,103 +676,179 @@ def _exact_topk(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, cand: torc
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         idx = cand[s:e]
-        diff = r.index_select(0, idx.clamp_min(0).reshape(-1)).view(e - s, kp, -1).sub_(q[rows[s:e], None])
-        d2 = diff.mul_(diff).sum(-1).masked_fill(idx < 0, math.inf)
+        d2 = _exact_d2(q, r, rows[s:e, None], idx.clamp_min(0), scale).masked_fill_(idx < 0, math.inf)
         out_d[s:e], pos = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
         out_i[s:e] = torch.gather(idx, 1, pos)
     out_i[torch.isinf(out_d)] = -1
     return out_d, out_i
 
 
+class _Checked(NamedTuple):
+    """The re-ranked lists of :func:`_rerank` and the outcome of the exactness check."""
+
+    dist: torch.Tensor  # [rows, min(k, kp)] exact squared distances (scaled frame), ascending
+    idx: torch.Tensor  # their reference indices
+    exact: torch.Tensor  # [rows] bool: provably the exact top-k of all references
+    limit: torch.Tensor  # [rows]: every reference among the exact top-k has a bf16 value v <= limit
+
+
 def _rerank(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, best_k: torch.Tensor, cand: torch.Tensor,
-            k: int, bound: torch.Tensor, shift: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
+            k: int, bound: torch.Tensor, shift: torch.Tensor, m: int, scale: float) -> _Checked:
     """Exact top-k of the candidates (from the inputs ``q[rows], r``), and whether each row is provably
     the exact top-k of all references (the bound is on centred distances; ``shift`` bounds what centring
-    in fp32 moved them by)."""
-    kp = cand.shape[1]
-    out_d, out_i = _exact_topk(q, r, rows, cand, k)
+    in fp32 moved them by). All squared distances are in the scaled frame (:class:`_Frame`)."""
+    kp, d = cand.shape[1], q.shape[1]
+    out_d, out_i = _exact_topk(q, r, rows, cand, k, scale)
     # a reference outside the list has v >= v_kp, so its centred d2 >= v_kp - E - RHO v_kp, and its
     # distance >= sqrt(that) - shift, which must exceed the list's exact k-th distance
     v_last = best_k[:, -1].view(torch.bfloat16).float()
     low = (v_last * (1 - RHO) - bound).clamp_min(0).sqrt() - shift
-    kth = (out_d[:, -1] * (1 + (q.shape[1] + 4) * 2.0**-23)).sqrt()  # + the fp32 rounding of the re-rank
-    exact = (cand[:, -1] < 0) | ((v_last >= 0) & (low > kth * (1 + 2.0**-20)))  # + rounding of low, kth
+    # the k-th distance, up to the fp32 rounding (and flushed subnormal squares) of the re-rank
+    kth = (out_d[:, -1] * (1 + (d + 4) * 2.0**-23) + (d + 4) * TINY).sqrt() * (1 + 2.0**-20)  # + rounding
+    exact = (cand[:, -1] < 0) | ((v_last >= 0) & (low > kth * (1 + 2.0**-20)))  # + rounding of low
     if kp >= m:  # the list holds every admissible reference
         exact[:] = True
-    return out_d, out_i, exact
+    # conversely, a reference at distance <= kth has centred d2 <= (kth + shift)^2, so v <= limit
+    limit = ((kth + shift).square() * (1 + 2.0**-20) + bound) / (1 - RHO) * (1 + 2.0**-20)
+    return _Checked(out_d, out_i, exact, limit)
+
+
+def _upper_key(limit: torch.Tensor) -> torch.Tensor:
+    """The int16 key of the smallest bf16 value >= ``limit`` (>= 0), at most the largest finite key."""
+    rounded = limit.bfloat16()
+    key = rounded.view(torch.int16).to(torch.int32) + (rounded.float() < limit).to(torch.int32)
+    return key.clamp(max=KEY_MAX).to(torch.int16)
+
+
+def _merge_exact(best_d: torch.Tensor, best_i: torch.Tensor, row: torch.Tensor, ref: torch.Tensor,
+                 d2: torch.Tensor) -> None:
+    """Merge (row, reference, squared distance) triples into the sorted running lists in place."""
+    kk = best_d.shape[1]
+    order = torch.argsort(d2, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]  # by row, then distance
+    row, ref, d2 = row[order], ref[order], d2[order]
+    rows, counts = torch.unique_consecutive(row, return_counts=True)
+    slot = torch.repeat_interleave(torch.arange(rows.numel(), device=row.device), counts)
+    rank = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    width = min(int(counts.max()), kk)
+    keep = rank < width
+    new_d = torch.full((rows.numel(), width), math.inf, device=row.device)
+    new_i = torch.full((rows.numel(), width), -1, dtype=torch.long, device=row.device)
+    new_d[slot[keep], rank[keep]] = d2[keep]
+    new_i[slot[keep], rank[keep]] = ref[keep]
+    top, pos = torch.topk(torch.cat([best_d[rows], new_d], dim=1), kk, dim=1, largest=False, sorted=True)
+    best_d[rows] = top
+    best_i[rows] = torch.gather(torch.cat([best_i[rows], new_i], dim=1), 1, pos)
+
+
+def _bf16_fallback(q: torch.Tensor, r: torch.Tensor, rows: torch.Tensor, sq: _Split, sr: _Split,
+                   ex: torch.Tensor | None, limit: torch.Tensor, order_r: torch.Tensor, k: int, scale: float,
+                   max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k for the rows the check rejected (more near-ties than the widest list holds): a brute
+    force in difference form over every reference whose bf16 value is <= the row's ``limit`` (all others
+    are provably farther than a known k-th distance, see :func:`_rerank`), streamed tile by tile.
+
+    ``rows``: the queries' original indices; ``sq`` their split and ``ex`` their exclusions (in the
+    reference locality order ``order_r`` of ``sr``). Memory: one block and its re-ranked entries."""
+    n, m = sq.hi.shape[0], sr.hi.shape[0]
+    device, width = sq.hi.device, 3 * sq.hi.shape[1] + 4
+    kk = min(k, m)
+    best_d = torch.full((n, kk), math.inf, device=device)
+    best_i = torch.full((n, kk), -1, dtype=torch.long, device=device)
+    key_limit = _upper_key(limit)
+    q_tile, r_tile = _general_tiles(n, m, max_tile_elements)
+    cached = (n + m) * width * 2 <= FORM_CACHE_BYTES
+    buf = torch.empty(q_tile * r_tile, dtype=torch.bfloat16, device=device)
+    form_q, form_r = _Forms(sq, True, q_tile, cached), _Forms(sr, False, r_tile, cached)
+    chunk = max(1, RERANK_ELEMENTS // q.shape[1])
+    for qs in range(0, n, q_tile):
+        qe = min(n, qs + q_tile)
+        xq = form_q(qs, qe)
+        for rs in range(0, m, r_tile):
+            block = _bf16_gemm(xq, form_r(rs, min(m, rs + r_tile)), buf)
+            if ex is not None:
+                _mask_exclusions(block, ex[qs:qe], 0, rs)  # excluded: +inf, above every limit
+            hit_q, hit_r = (block.view(torch.int16) <= key_limit[qs:qe, None]).nonzero(as_tuple=True)
+            for s in range(0, hit_q.numel(), chunk):
+                local, ref = hit_q[s:s + chunk] + qs, order_r[hit_r[s:s + chunk] + rs]
+                d2 = _exact_d2(q, r, rows[local], ref, scale)
+                _merge_exact(best_d, best_i, local, ref, d2)
+    best_i[torch.isinf(best_d)] = -1
+    return best_d, best_i
 
 
 def _torch_knn_bf16(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None, self_join: bool,
-                    device: str | torch.device | None, max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device | None,
+                    max_tile_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact squared-L2 top-k: bf16 candidate search, exact fp32 re-rank, checked (see the module docstring).
 
     The search runs in a locality order (rows sorted by nearest pivot); ``q, r`` themselves are not
-    permuted (the re-rank maps indices), so the extra memory is the bf16 split, about one fp32 copy."""
+    permuted (the re-rank maps indices), so the extra memory is the bf16 split, about one fp32 copy.
+    Returns float64 squared distances (the scaled frame undone: they may lie outside fp32's range)."""
     device = torch.device(device) if device is not None else q.device
     n, m, d = q.shape[0], r.shape[0], q.shape[1]
-    out_d = torch.full((n, k), math.inf)
+    out_d = torch.full((n, k), math.inf, dtype=torch.float64)
     out_i = torch.full((n, k), -1, dtype=torch.long)
     if n == 0 or m == 0:
         return out_d, out_i
     r = r.to(device)
     q = r if self_join else q.to(device)
-    center = r.mean(0)  # distances are translation invariant; centring shrinks |q| |r| in the bound
-    pivots = _split(r[torch.linspace(0, m - 1, min(m, LOCALITY_PIVOTS), device=device).long()] - center)
+    frame = _frame(q, r, self_join)  # distances are translation invariant; centring shrinks the bound
+    pivots = _split(frame.apply(r[torch.linspace(0, m - 1, min(m, LOCALITY_PIVOTS), device=device).long()]))
     n_piv = pivots.hi.shape[0]
-    # pivots themselves in a locality order (by nearest of 16 coarse pivots), so neighbouring cells are adjacent
+    # pivots themselves in a locality order (by nearest of 16 coarse pivots): neighbouring cells are adjacent
     coarse = torch.linspace(0, n_piv - 1, min(n_piv, 16), device=device).long()
     piv_keys = _bf16_gemm(_form(pivots, 0, n_piv, True), _form(pivots, 0, n_piv, False)[coarse])
     rank = torch.empty(n_piv, dtype=torch.long, device=device)
-    rank[torch.argsort(piv_keys.view(torch.int16).argmin(dim=1), stable=True)] = torch.arange(n_piv, device=device)
-    cells_r = rank[_cells(r, center, _form(pivots, 0, n_piv, True), query=False)]
+    coarse_cell = piv_keys.view(torch.int16).argmin(dim=1)
+    rank[torch.argsort(coarse_cell, stable=True)] = torch.arange(n_piv, device=device)
+    cells_r = rank[_cells(r, frame, _form(pivots, 0, n_piv, True), query=False)]
     order_r = torch.argsort(cells_r, stable=True)
-    cells_r, sr = cells_r[order_r], _split_rows(r, center, order_r)
+    cells_r, sr = cells_r[order_r], _split_rows(r, frame, order_r)
     if self_join:
         order_q, cells_q, sq = order_r, cells_r, sr
     else:
-        cells_q = rank[_cells(q, center, _form(pivots, 0, n_piv, False), query=True)]
+        cells_q = rank[_cells(q, frame, _form(pivots, 0, n_piv, False), query=True)]
         order_q = torch.argsort(cells_q, stable=True)
-        cells_q, sq = cells_q[order_q], _split_rows(q, center, order_q)
+        cells_q, sq = cells_q[order_q], _split_rows(q, frame, order_q)
     inverse_r = torch.empty_like(order_r)
     inverse_r[order_r] = torch.arange(m, device=device)
     ex_sorted = None  # the exclusions in the locality order
     if ex is not None:
         ex_sorted = ex[order_q.cpu()]
         ex_sorted = torch.where(ex_sorted >= 0, inverse_r.cpu()[ex_sorted.clamp_min(0)], ex_sorted)
-    bound = _error_bound(sq.norms, sr.norms, d)
-    shift = (sq.norms["x"] + sr.norms["x"].max()) * 2.0**-23  # >= |(q_c - r_c) - (q - r)|
+    bound = _error_bound(sq.norms, sr.norms, d, truncating=device.type == "cuda")
+    # >= |(q_c - r_c) - (q - r) scale|: the fp32 centring, and subnormals of the scaled rows (d 2^-126)
+    shift = (sq.norms["x"] + sr.norms["x"].max()) * 2.0**-23 + d * TINY
     res_d = torch.full((n, k), math.inf, device=device)  # rows in the original order
     res_i = torch.full((n, k), -1, dtype=torch.long, device=device)
     todo = torch.arange(n, device=device)  # positions in the locality order
-    margin = CANDIDATE_MARGIN
-    for attempt in range(RETRIES + 1):
+    for attempt, margin in enumerate(CANDIDATE_MARGINS):
         kp = min(k + margin, m)
-        if attempt == 0:  # all rows (sharing blocks in a self-join); then only the rows the check rejected
-            part = (ex_sorted, sq, bound, shift, cells_q)
-        else:
-            part = (None if ex is None else ex_sorted[todo.cpu()], sq.take(todo), bound[todo], shift[todo],
-                    cells_q[todo])
-        best_k, best_i = _bf16_candidates(part[1], sr, kp, part[0], self_join and attempt == 0, max_tile_elements,
-                                          part[4], cells_r)
+        first = attempt == 0  # all rows (sharing blocks in a self-join); then the rows the check rejected
+        todo_ex = ex_sorted if first or ex_sorted is None else ex_sorted[todo.cpu()]
+        todo_split = sq if first else sq.take(todo)
+        best_k, best_i = _bf16_candidates(todo_split, sr, kp, todo_ex, self_join and first, max_tile_elements,
+                                          cells_q[todo], cells_r)
         cand = torch.where(best_i >= 0, order_r[best_i.clamp_min(0)], best_i)
         rows = order_q[todo]
-        dist, idx, exact = _rerank(q, r, rows, best_k, cand, k, part[2], part[3], m)
-        res_d[rows[exact], :dist.shape[1]] = dist[exact]
-        res_i[rows[exact], :dist.shape[1]] = idx[exact]
-        todo = todo[~exact]
+        checked = _rerank(q, r, rows, best_k, cand, k, bound[todo], shift[todo], m, frame.scale)
+        done, width = checked.exact, checked.dist.shape[1]
+        res_d[rows[done], :width], res_i[rows[done], :width] = checked.dist[done], checked.idx[done]
+        todo, limit = todo[~done], checked.limit[~done]
         if todo.numel() == 0:
             break
-        margin *= 4
-    if todo.numel():  # ties or near-ties beyond the widest list: fp32 search (k + margin), exact re-rank
+    if todo.numel():  # near-ties beyond the widest list: exact brute force over the possible references
         rows = order_q[todo]
-        _, cand = _torch_knn(q[rows], r, min(k + CANDIDATE_MARGIN, m), None if ex is None else ex[rows.cpu()],
-                             device, max_tile_elements)
-        rest_d, rest_i = _exact_topk(q, r, rows, cand.to(device), k)
+        todo_ex = None if ex_sorted is None else ex_sorted[todo.cpu()]
+        rest_d, rest_i = _bf16_fallback(q, r, rows, sq.take(todo), sr, todo_ex, limit, order_r, k,
+                                        frame.scale, max_tile_elements)
         res_d[rows, :rest_d.shape[1]], res_i[rows, :rest_d.shape[1]] = rest_d, rest_i
-    return res_d.cpu(), res_i.cpu()
+    return res_d.double().cpu() / frame.scale**2, res_i.cpu()
 
 
 def faiss_available() -> bool:
+    """Whether the faiss backend can run (faiss importable)."""
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -673,8 +856,9 @@ def faiss_available() -> bool:
     return True
 
 
-def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None, device, index: str,
-               nlist: int | None, nprobe: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None,
+               device: str | torch.device | None, index: str, nlist: int | None, nprobe: int,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared-L2 top-(k+e) with faiss, then the excluded indices removed per row."""
     try:
         import faiss
@@ -696,8 +880,8 @@ def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None
         idx.cp.seed = seed
         idx.train(xr)
         idx.nprobe = min(nprobe, nlist)
-    use_gpu = (device is not None and torch.device(device).type == "cuda" and hasattr(faiss, "StandardGpuResources")
-               and faiss.get_num_gpus() > 0)
+    use_gpu = (device is not None and torch.device(device).type == "cuda"
+               and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
     if use_gpu:
         resources = faiss.StandardGpuResources()
         idx = faiss.index_cpu_to_gpu(resources, torch.device(device).index or 0, idx)
