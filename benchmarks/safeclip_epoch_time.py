@@ -15,11 +15,12 @@ the similarity pass in ``pass`` mode). The measured quantity is the wall time of
 same epoch indices. The cost of a split epoch depends on the safe share (a risky sample takes two views
 through both towers, a safe one a single pair), so ``--safe-ratio R`` pins it: the first split takes
 nearly everything and every later split sits at the cap R (``--safeclip-max-ratio``, the original's 0.85
-by default, where a long run spends most of its epochs); only those later epochs are measured.
+by default, where a long run spends most of its epochs); only those later epochs are measured, and
+not the run's last (no split follows it, so it has no similarity pass).
 ``--workers N`` moves the views' augmentation into data-loader workers, as a real run does.
 Goals (issue 4): <= 1.5 (pass), <= 1.2 (inloop)::
 
-    python benchmarks/safeclip_epoch_time.py [--repeats 2] [--epochs 5] [--threads 1] [--workers 0|1]
+    python benchmarks/safeclip_epoch_time.py [--repeats 2] [--epochs 6] [--threads 1] [--workers 0|1]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _epoch_timer(sink: dict[int, float], ratios: list[float]):
 
         def on_epoch_end(self, ctx) -> None:
             sink[ctx.epoch] = time.perf_counter() - self._start
-            if ctx.table.has_column("safe") and ctx.epoch >= FIRST_MEASURED_EPOCH:
+            if ctx.table.has_column("safe") and FIRST_MEASURED_EPOCH <= ctx.epoch < ctx.args.epochs - 1:
                 ratios.append(float(ctx.table["safe"].mean()))
 
     return EpochTimer()
@@ -92,13 +93,15 @@ def run_once(kind: str, train_csv: Path, logs: Path, name: str, epochs: int, saf
         st_main.create_callbacks = original
     if code != 0:
         raise SystemExit(f"{kind} run failed with exit code {code}")
-    return [t for e, t in sorted(times.items()) if e >= FIRST_MEASURED_EPOCH], ratios
+    # the run's last epoch is left out: no split follows it, so it plans no similarity pass
+    return [t for e, t in sorted(times.items()) if FIRST_MEASURED_EPOCH <= e < epochs - 1], ratios
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=5, help="total epochs per run (>= 4; epochs 3.. are measured)")
+    p.add_argument("--epochs", type=int, default=6,
+                   help="total epochs per run (>= 5; epochs 3 .. epochs-2 are measured)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads")
     p.add_argument("--workers", type=int, default=0, help="data-loader workers (0: views made in the main process)")
     p.add_argument("--safe-ratio", type=float, default=0.85, help="the safe share of the measured split epochs")

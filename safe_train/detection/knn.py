@@ -560,8 +560,7 @@ def _merge_candidates(best_k: torch.Tensor, best_i: torch.Tensor, q: torch.Tenso
         order = torch.argsort(q * 65536 + (key.long() + 32768))  # by query, then key
         q, ref, key = q[order], ref[order], key[order]
         rows, counts = torch.unique_consecutive(q, return_counts=True)
-    slot = torch.repeat_interleave(torch.arange(rows.numel(), device=q.device), counts)
-    rank = torch.arange(q.numel(), device=q.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    slot, rank = _group_ranks(counts)
     width = min(int(counts.max()), kp)
     keep = rank < width
     new_k = torch.full((rows.numel(), width), KEY_EMPTY, dtype=torch.int16, device=q.device)
@@ -720,6 +719,13 @@ def _upper_key(limit: torch.Tensor) -> torch.Tensor:
     return key.clamp(max=KEY_MAX).to(torch.int16)
 
 
+def _group_ranks(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For entries sorted into consecutive groups of ``counts``: each entry's group and its rank in it."""
+    slot = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    rank = torch.arange(slot.numel(), device=counts.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    return slot, rank
+
+
 def _merge_exact(best_d: torch.Tensor, best_i: torch.Tensor, row: torch.Tensor, ref: torch.Tensor,
                  d2: torch.Tensor) -> None:
     """Merge (row, reference, squared distance) triples into the sorted running lists in place."""
@@ -728,8 +734,7 @@ def _merge_exact(best_d: torch.Tensor, best_i: torch.Tensor, row: torch.Tensor, 
     order = order[torch.argsort(row[order], stable=True)]  # by row, then distance
     row, ref, d2 = row[order], ref[order], d2[order]
     rows, counts = torch.unique_consecutive(row, return_counts=True)
-    slot = torch.repeat_interleave(torch.arange(rows.numel(), device=row.device), counts)
-    rank = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    slot, rank = _group_ranks(counts)
     width = min(int(counts.max()), kk)
     keep = rank < width
     new_d = torch.full((rows.numel(), width), math.inf, device=row.device)
