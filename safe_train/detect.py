@@ -217,6 +217,11 @@ def run(args: argparse.Namespace) -> dict:
     started = time.time()
     ids, image, text = embed(args)
     embed_s = time.time() - started
+    broken = ~(np.isfinite(image).all(axis=1) & np.isfinite(text).all(axis=1))
+    if broken.any():
+        raise DetectError(f"{int(broken.sum())} of {len(ids)} samples have non-finite embeddings (first sample ids: "
+                          f"{ids[broken][:5].tolist()}): the checkpoint's weights are NaN/inf or --precision "
+                          f"overflows; nothing was scored")
     started = time.time()
     scores = score(args, detectors, image, text)
     score_s = time.time() - started

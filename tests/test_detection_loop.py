@@ -230,3 +230,20 @@ def test_detect_cli_bad_input(change, message, poisoned_csv, trained, tmp_path):
     proc = _detect(*[t for kv in argv.items() for t in kv])
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_detect_cli_non_finite_embeddings_are_one_clear_error(poisoned_csv, trained, tmp_path):
+    """A diverged checkpoint (NaN weights) stops the command with one message, not a traceback from the kNN."""
+    import torch
+
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    key = next(k for k in state if k.endswith("visual.proj") or k.endswith("text_projection"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    broken = tmp_path / "nan.pt"
+    torch.save(checkpoint, broken)
+    train, _ = poisoned_csv
+    proc = _detect("--model", "st-tiny-vit", "--checkpoint", str(broken), "--train-data", str(train),
+                   "--dataset-type", "csv", "--out", str(tmp_path / "o"), "--detectors", "kdist", "--device", "cpu")
+    assert proc.returncode == 2
+    assert "non-finite embeddings" in proc.stderr and "Traceback" not in proc.stderr
