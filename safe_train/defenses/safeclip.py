@@ -52,10 +52,10 @@ from safe_train.losses import GatherSpec, clip_loss, contrastive_ce
 
 SIMILARITY_MODES = ("pass", "inloop")
 SAFE_INPUTS = ("views", "raw")
-# what each pass's forward reads (the safe pass per --safeclip-safe-input)
+# (image, text) batch keys of the passes whose forward is one pair: the transform makes only these and
+# forward encodes exactly these (the multimodal warmup on views and the unimodal passes use all four views)
 PASS_OUTPUTS = {"clip": ("image", "text_view2"), "clip_raw": ("raw_image", "raw_text"), "similarity": ("image", "text"),
                 "similarity_raw": ("raw_image", "raw_text"), "multimodal_raw": ("raw_image", "raw_text")}
-RAW_KINDS = ("clip_raw", "similarity_raw", "multimodal_raw")  # forward the raw pair
 
 
 class SafeClipTransform:
@@ -365,13 +365,10 @@ class SafeClip(Defense):
 
     def forward(self, ctx: TrainContext, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 pass_: TrainPass) -> dict[str, torch.Tensor]:
-        kind = self._forward_kind(pass_)
-        if kind in RAW_KINDS:
-            return model(batch["raw_image"], batch["raw_text"])
-        if kind == "similarity":
-            return model(batch["image"], batch["text"])
-        if kind == "clip":
-            return model(batch["image"], batch["text_view2"])
+        pair = PASS_OUTPUTS.get(self._forward_kind(pass_))
+        if pair is not None:
+            image_key, text_key = pair
+            return model(batch[image_key], batch[text_key])
         n = len(batch["image"])
         out = model(torch.cat([batch["image"], batch["image_view2"]]), torch.cat([batch["text"], batch["text_view2"]]))
         image, text = out["image_features"], out["text_features"]
