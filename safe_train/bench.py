@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import hashlib
 import json
 import os
 import re
@@ -66,7 +67,8 @@ _SAFECLIP_VIEWS_BENCH = (*_SAFECLIP_SCHEDULE, "--safeclip-multimodal-warmup-epoc
 
 # CleanCLIP finetunes the poisoned `none` model on the 400 clean held-out pairs (the paper's 1e-5 for 60
 # steps barely moves this tiny model; a sweep is in benchmarks/RESULTS.md): batch 64, 60 epochs
-# (420 steps), lr 2e-3, 10 warmup steps, AdamW 0.9/0.999/1e-8.
+# (360 steps), lr 2e-3, 10 warmup steps, AdamW 0.9/0.999/1e-8. On a larger split (--finetune-per-class) the
+# finetuning rows keep the number of steps: round(60 * 400 / pairs) epochs.
 _CLEANCLIP_BENCH = (
     "--cleanclip-clip-weight", "1.0", "--cleanclip-ss-weight", "1.0", "--batch-size", "64", "--epochs", "60",
     "--lr", "0.002", "--warmup", "10", "--beta2", "0.999", "--eps", "1e-08")
@@ -99,6 +101,7 @@ class RunResult:
     wall_seconds: float | None = None
     run_dir: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)  # flags and data/checkpoint hashes it was made from
 
 
 def _parse_attack_params(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -126,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Comma-separated defenses (default: %(default)s; also: "
                         + ", ".join(n for n in BENCH_ENTRIES if n not in DEFAULT_ROWS)
                         + "). Finetuning defenses start from the none run's checkpoint (trained first when not listed).")
-    p.add_argument("--poison-rate", type=float, default=0.01, help="Fraction of training pairs poisoned (0.01 = 40).")
+    p.add_argument("--poison-rate", type=float, default=0.01, help="Fraction of training pairs poisoned (0.01 = 40 of 4,000).")
     p.add_argument("--seeds", default="0", help="Comma-separated seeds (data split, captions, poison choice, init).")
+    p.add_argument("--finetune-per-class", type=int, default=None,
+                   help="Clean held-out pairs per class for the finetuning rows (default 40; more are taken from "
+                        "the training pairs, the test images stay; the finetuning rows keep their number of steps).")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -148,14 +154,35 @@ def _ensure_poisoned(data, out: Path, attack: str, rate: float, seed: int, param
 
     tag = "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
     directory = out / "poisoned" / f"{attack}-{tag}-rate{rate:g}-seed{seed}"
-    manifest_file = directory / "manifest.json"
-    if manifest_file.exists():
+    manifest_file, source_file = directory / "manifest.json", directory / _SOURCE_STAMP
+    source = _sha256(data.train_csv)
+    # reuse only a poisoned copy of this very training split (a rebuilt benchmark split must not be
+    # trained on through a stale copy that holds today's test or finetune images)
+    if manifest_file.exists() and source_file.exists() and source_file.read_text().strip() == source:
         return directory, Manifest.load(manifest_file)
     if directory.exists():
-        shutil.rmtree(directory)  # an interrupted earlier attempt (the manifest is written last)
+        shutil.rmtree(directory)  # an interrupted earlier attempt or a copy of another split
     manifest = poison_dataset(str(data.train_csv), directory, attack, rate=rate, target=TARGET, templates="mnist",
                               image_size=32, seed=seed, **params)
+    source_file.write_text(source + "\n")
     return directory, manifest
+
+
+_SOURCE_STAMP = "source_train_sha256.txt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _run_inputs(flags: list[str], train_csv: Path, test_csv: Path, pretrained: Path | None) -> dict[str, Any]:
+    """What a finished run was made from: a stored run is reused only when all of it is unchanged."""
+    return {"flags": flags, "train_csv_sha256": _sha256(train_csv), "test_csv_sha256": _sha256(test_csv),
+            "pretrained_sha256": _sha256(pretrained) if pretrained is not None else None}
 
 
 def _train_flags(opts, entry: BenchEntry, train_csv: Path, test_csv: Path, manifest: Path, name: str, seed: int,
@@ -228,7 +255,8 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     total = len(attacks) * len(order) * len(seeds)
     done = 0
     for seed in seeds:
-        data = build_mnist_benchmark(out / "data" / f"seed{seed}", seed=seed)
+        split = {} if opts.finetune_per_class is None else {"finetune_per_class": opts.finetune_per_class}
+        data = build_mnist_benchmark(out / "data" / f"seed{seed}", seed=seed, **split)
         for attack in attacks:
             params = {**ATTACK_DEFAULTS[attack], **overrides.get(attack, {})}
             poisoned_dir, manifest = _ensure_poisoned(data, out, attack, opts.poison_rate, seed, params)
@@ -238,6 +266,7 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
                 entry = BENCH_ENTRIES[entry_name]
                 label = f"{done}/{total} {attack} x {entry_name} seed {seed}"
                 if entry.finetunes:
+                    entry = _scaled_to_split(entry, data.n_finetune)
                     name = f"{poisoned_dir.name}-none-e{opts.epochs}-then-{entry_name}"
                     train_csv, start = data.finetune_csv, base_run / "checkpoints" / f"epoch_{opts.epochs}.pt"
                     what = f"finetuning the poisoned none model on {data.n_finetune} clean held-out pairs"
@@ -255,6 +284,19 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
                     results.append(result)
     write_reports(results, out)
     return results
+
+
+_FINETUNE_RECIPE_PAIRS = 400  # the default finetune split the finetuning recipes' epoch counts are made for
+
+
+def _scaled_to_split(entry: BenchEntry, n_pairs: int) -> BenchEntry:
+    """``entry`` with its epochs scaled so a finetune split of ``n_pairs`` gets the recipe's number of steps."""
+    if n_pairs == _FINETUNE_RECIPE_PAIRS or "--epochs" not in entry.flags:
+        return entry
+    last = max(i for i, flag in enumerate(entry.flags) if flag == "--epochs")  # the one argparse keeps
+    epochs = int(entry.flags[last + 1])
+    scaled = max(1, round(epochs * _FINETUNE_RECIPE_PAIRS / max(n_pairs, 1)))
+    return BenchEntry(entry.defense, (*entry.flags, "--epochs", str(scaled)), entry.finetunes)
 
 
 _NEEDS_WORDNET = ("safeclip", "cleanclip")  # their EDA captions use WordNet synonyms
@@ -279,17 +321,22 @@ def _run_entry(opts, entry: BenchEntry, entry_name: str, attack: str, seed: int,
     """Train (or reuse) one run and read its last evaluation."""
     result = RunResult(attack, entry_name, seed, opts.poison_rate, params, run_dir=str(run_dir))
     stamp = run_dir / "bench_result.json"
-    if stamp.exists() and not opts.force:
-        print(f"[{label}] reusing finished run {run_dir}", flush=True)
-        return RunResult(**json.loads(stamp.read_text()))
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     if pretrained is not None and not pretrained.exists():
         raise SystemExit(f"safe-train bench: {entry_name} needs the none run's checkpoint {pretrained}")
-    print(f"[{label}] {what}", flush=True)
     runs = run_dir.parent
-    runs.mkdir(parents=True, exist_ok=True)
     flags = _train_flags(opts, entry, train_csv, test_csv, manifest, run_dir.name, seed, runs, pretrained)
+    result.inputs = _run_inputs(flags, train_csv, test_csv, pretrained)
+    if stamp.exists() and not opts.force:
+        saved = RunResult(**json.loads(stamp.read_text()))
+        if saved.inputs == result.inputs:
+            print(f"[{label}] reusing finished run {run_dir}", flush=True)
+            return saved
+        print(f"[{label}] the finished run {run_dir} was made with other settings, data or starting checkpoint: "
+              "re-running it", flush=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    print(f"[{label}] {what}", flush=True)
+    runs.mkdir(parents=True, exist_ok=True)
     result.wall_seconds = _run_training(flags, opts.threads, label, runs / f"{run_dir.name}.log")
     result.history = _read_history(run_dir)
     if not result.history:

@@ -24,7 +24,12 @@ import numpy as np
 MNIST_RELPATH = ("data", "data", "mnist_5k.csv.gz")
 STAMP_NAME = "bench_stamp.json"
 IMAGES_STAMP_NAME = "images_stamp.json"
-_STAMP_VERSION = 1
+_STAMP_VERSION = 2  # 2: test_per_class and finetune_per_class are disjoint counts (1: finetune was part of test)
+# Held out per class: 60 test images (600 in all, ±1.3 points standard error at 90%) and 40 clean finetuning
+# pairs, leaving 4,000 training pairs. A larger finetuning split (--finetune-per-class) takes its images from
+# the training pairs and leaves the test images unchanged (benchmarks/RESULTS.md, "CleanCLIP").
+TEST_PER_CLASS = 60
+FINETUNE_PER_CLASS = 40
 
 
 @dataclass(frozen=True)
@@ -70,18 +75,29 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 def _split(
     labels: np.ndarray, test_per_class: int, rng: np.random.Generator, finetune_per_class: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded per-class hold-out of ``test_per_class`` images, of which ``finetune_per_class`` become the
-    clean finetuning split; (train, test, finetune) index lists in file order so row ids are stable."""
-    if not 0 <= finetune_per_class < test_per_class:
-        raise ValueError(f"finetune_per_class={finetune_per_class} must be in [0, test_per_class={test_per_class})")
+    """Seeded per-class hold-out of ``test_per_class`` test and ``finetune_per_class`` clean finetuning images.
+
+    Each class's images are drawn in one random order: the first ``FINETUNE_PER_CLASS`` (40) slots go to
+    the finetune split, the next ``test_per_class`` to the test split, and a finetune split larger than 40
+    continues after them. So the test images depend on ``test_per_class`` alone, and a larger finetune
+    split only takes pairs from training. Returns (train, test, finetune) index lists in file order, so
+    row ids are stable.
+    """
+    if test_per_class < 1 or finetune_per_class < 0:
+        raise ValueError(f"need test_per_class >= 1 and finetune_per_class >= 0, got {test_per_class} and "
+                         f"{finetune_per_class}")
+    first = FINETUNE_PER_CLASS
     test, finetune = [], []
     for c in range(10):
         members = np.flatnonzero(labels == c)
-        if test_per_class > len(members):
-            raise ValueError(f"test_per_class={test_per_class} but class {c} has {len(members)} images")
-        held_out = rng.permutation(members)[:test_per_class]
-        finetune.append(held_out[:finetune_per_class])
-        test.append(held_out[finetune_per_class:])
+        held = test_per_class + max(first, finetune_per_class)
+        if held >= len(members):
+            raise ValueError(f"test_per_class={test_per_class} and finetune_per_class={finetune_per_class} leave no "
+                             f"training image of class {c} ({len(members)} images)")
+        order = rng.permutation(members)
+        test.append(order[first : first + test_per_class])
+        extra = order[first + test_per_class : first + test_per_class + max(0, finetune_per_class - first)]
+        finetune.append(np.concatenate([order[: min(first, finetune_per_class)], extra]))
     test_idx = np.sort(np.concatenate(test))
     finetune_idx = np.sort(np.concatenate(finetune))
     train_idx = np.setdiff1d(np.arange(len(labels)), np.concatenate([test_idx, finetune_idx]))
@@ -148,15 +164,16 @@ def _existing(out_dir: Path, stamp: dict) -> BenchmarkData | None:
 
 
 def build_mnist_benchmark(
-    out_dir: str | os.PathLike, seed: int = 0, test_per_class: int = 100, image_size: int = 32,
-    finetune_per_class: int = 40,
+    out_dir: str | os.PathLike, seed: int = 0, test_per_class: int = TEST_PER_CLASS, image_size: int = 32,
+    finetune_per_class: int = FINETUNE_PER_CLASS,
 ) -> BenchmarkData:
     """Build (or reuse) the MNIST-5k image-caption benchmark in ``out_dir``.
 
-    - held out: ``test_per_class`` images per class, chosen with ``seed``; of those,
-      ``finetune_per_class`` form ``finetune.csv`` (clean pairs, same columns as train, for finetuning
-      defenses such as CleanCLIP) and the rest ``test.csv`` = ``filepath``, ``label`` (class index,
-      tab-separated). Neither is ever poisoned; the 4,000 training images are the same either way.
+    - held out per class, chosen with ``seed``: ``test_per_class`` images form ``test.csv`` =
+      ``filepath``, ``label`` (class index, tab-separated) and ``finetune_per_class`` others form
+      ``finetune.csv`` (clean pairs, same columns as train, for finetuning defenses such as CleanCLIP).
+      Neither is ever poisoned. Defaults: 60 + 40 per class, leaving 4,000 training pairs; a larger
+      finetune split takes its images from training and keeps the test images (see ``_split``).
     - train: the rest; ``train.csv`` = ``filepath``, ``title``, ``label`` (tab-separated, OpenCLIP's
       ``--csv-img-key filepath --csv-caption-key title``). One caption per image, fixed by ``seed``:
       a random one of the 8 MNIST templates filled with the class word (zero..nine). ``label`` lets a
@@ -221,9 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m safe_train.bench_data", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-per-class", type=int, default=100)
-    p.add_argument("--finetune-per-class", type=int, default=40,
-                   help="of the held-out images per class, how many form the clean finetune split")
+    p.add_argument("--test-per-class", type=int, default=TEST_PER_CLASS, help="test images per class")
+    p.add_argument("--finetune-per-class", type=int, default=FINETUNE_PER_CLASS,
+                   help="held-out images per class (besides the test ones) that form the clean finetune split")
     p.add_argument("--image-size", type=int, default=32)
     args = p.parse_args(argv)
     try:

