@@ -53,3 +53,20 @@ def test_bench_runs_end_to_end(tmp_path):
     assert "made with other settings" in other.stdout and "badnets x none seed 0] epoch 2:" in other.stdout
     rerun = json.loads((tmp_path / "results.json").read_text())[0]
     assert "--lr" in rerun["inputs"]["flags"] and rerun["inputs"]["flags"][rerun["inputs"]["flags"].index("--lr") + 1] == "0.002"
+
+
+def test_finetuning_rows_keep_their_steps_on_a_larger_split():
+    import argparse
+
+    from safe_train.bench import _scaled_to_split
+
+    parser = argparse.ArgumentParser()  # as OpenCLIP reads them: the last --epochs wins
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--cleanclip-ss-weight", type=float)
+    entry = BENCH_ENTRIES["cleanclip-clip-only"]
+    assert _scaled_to_split(entry, 400) is entry  # the split the recipe was made for
+    assert parser.parse_known_args(list(entry.flags))[0].epochs == 60
+    for pairs, epochs in ((1000, 24), (1500, 16), (100_000, 1)):
+        parsed, _ = parser.parse_known_args(list(_scaled_to_split(entry, pairs).flags))
+        assert parsed.epochs == epochs and parsed.cleanclip_ss_weight == 0
+    assert _scaled_to_split(BENCH_ENTRIES["none"], 1000) is BENCH_ENTRIES["none"]  # no epochs of its own
