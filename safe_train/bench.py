@@ -257,16 +257,18 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     for seed in seeds:
         split = {} if opts.finetune_per_class is None else {"finetune_per_class": opts.finetune_per_class}
         data = build_mnist_benchmark(out / "data" / f"seed{seed}", seed=seed, **split)
+        # finetuning rows fitted to this finetune split (checked here, before anything trains)
+        seed_entries = {name: _scaled_to_split(BENCH_ENTRIES[name], data.n_finetune) if BENCH_ENTRIES[name].finetunes
+                        else BENCH_ENTRIES[name] for name in order}
         for attack in attacks:
             params = {**ATTACK_DEFAULTS[attack], **overrides.get(attack, {})}
             poisoned_dir, manifest = _ensure_poisoned(data, out, attack, opts.poison_rate, seed, params)
             base_run: Path | None = None
             for entry_name in order:
                 done += 1
-                entry = BENCH_ENTRIES[entry_name]
+                entry = seed_entries[entry_name]
                 label = f"{done}/{total} {attack} x {entry_name} seed {seed}"
                 if entry.finetunes:
-                    entry = _scaled_to_split(entry, data.n_finetune)
                     name = f"{poisoned_dir.name}-none-e{opts.epochs}-then-{entry_name}"
                     train_csv, start = data.finetune_csv, base_run / "checkpoints" / f"epoch_{opts.epochs}.pt"
                     what = f"finetuning the poisoned none model on {data.n_finetune} clean held-out pairs"
@@ -289,13 +291,22 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
 _FINETUNE_RECIPE_PAIRS = 400  # the default finetune split the finetuning recipes' epoch counts are made for
 
 
+def _flag_value(flags: tuple[str, ...], name: str) -> str | None:
+    """The value argparse keeps for ``name`` in ``flags`` (its last occurrence), or None."""
+    last = max((i for i, flag in enumerate(flags) if flag == name), default=None)
+    return None if last is None else flags[last + 1]
+
+
 def _scaled_to_split(entry: BenchEntry, n_pairs: int) -> BenchEntry:
     """``entry`` with its epochs scaled so a finetune split of ``n_pairs`` gets the recipe's number of steps."""
-    if n_pairs == _FINETUNE_RECIPE_PAIRS or "--epochs" not in entry.flags:
+    batch = int(_flag_value(entry.flags, "--batch-size") or 0)
+    if n_pairs < batch:  # OpenCLIP drops the partial batch: fewer pairs than one batch would train nothing
+        raise SystemExit(f"safe-train bench: the finetuning rows need at least one batch ({batch}) of clean pairs, "
+                         f"the finetune split has {n_pairs}; raise --finetune-per-class")
+    epochs = _flag_value(entry.flags, "--epochs")
+    if n_pairs == _FINETUNE_RECIPE_PAIRS or epochs is None:
         return entry
-    last = max(i for i, flag in enumerate(entry.flags) if flag == "--epochs")  # the one argparse keeps
-    epochs = int(entry.flags[last + 1])
-    scaled = max(1, round(epochs * _FINETUNE_RECIPE_PAIRS / max(n_pairs, 1)))
+    scaled = max(1, round(int(epochs) * _FINETUNE_RECIPE_PAIRS / n_pairs))
     return BenchEntry(entry.defense, (*entry.flags, "--epochs", str(scaled)), entry.finetunes)
 
 

@@ -70,3 +70,5 @@ def test_finetuning_rows_keep_their_steps_on_a_larger_split():
         parsed, _ = parser.parse_known_args(list(_scaled_to_split(entry, pairs).flags))
         assert parsed.epochs == epochs and parsed.cleanclip_ss_weight == 0
     assert _scaled_to_split(BENCH_ENTRIES["none"], 1000) is BENCH_ENTRIES["none"]  # no epochs of its own
+    with pytest.raises(SystemExit, match="at least one batch"):
+        _scaled_to_split(entry, 50)  # fewer clean pairs than one batch of 64
