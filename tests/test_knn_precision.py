@@ -264,8 +264,7 @@ def test_prune_keeps_every_entry_that_can_enter(shape, kp):
         view = keys if dim == 1 else keys.T  # [queries, references]
         tau = torch.randint(-200, 300, (view.shape[0],), dtype=torch.int16, generator=gen)
         tau[::3] = K.KEY_EMPTY
-        q, ref, key, grouped, lowest = hits = K._prune(keys, tau, kp, dim)
-        assert hits.lowest == lowest and hits.grouped == grouped
+        q, ref, key, grouped, lowest = K._prune(keys, tau, kp, dim)
         assert lowest == int(keys.min())
         assert not grouped or bool((q[1:] >= q[:-1]).all())
         assert torch.equal(view[q, ref], key) and (key < K.KEY_INF).all()
@@ -281,15 +280,34 @@ def test_prune_keeps_every_entry_that_can_enter(shape, kp):
             assert torch.equal(got[~warm], view[~warm] <= kth)
 
 
-def test_precision_argument():
+def test_precision_argument(monkeypatch):
     x = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="precision"):
         knn(x, x, 3, precision="fp16")
-    d_auto, i_auto = knn(x, x, 3, exclude_self=True)  # "auto": bf16 where the CPU has native bf16
-    d32, i32 = knn(x, x, 3, exclude_self=True, precision="fp32")
-    np.testing.assert_array_equal(i_auto.numpy(), i32.numpy())
-    np.testing.assert_allclose(d_auto.numpy(), d32.numpy(), rtol=1e-5, atol=1e-6)
     assert isinstance(K.bf16_is_fast("cpu"), bool) and not K.bf16_is_fast("cuda")
+    d32, i32 = knn(x, x, 3, exclude_self=True, precision="fp32")
+    ran = []
+
+    def spy(name: str):
+        real = getattr(K, name)
+        return lambda *a, **kw: ran.append(name) or real(*a, **kw)
+
+    for name in ("_torch_knn_bf16", "_torch_knn_self"):
+        monkeypatch.setattr(K, name, spy(name))
+
+    def path(fast: bool, min_pairs: int, **kwargs) -> str:
+        monkeypatch.setattr(K, "bf16_is_fast", lambda device=None: fast)
+        monkeypatch.setattr(K, "AUTO_BF16_MIN_PAIRS", min_pairs)
+        ran.clear()
+        d, i = knn(x, x, 3, exclude_self=True, **kwargs)
+        np.testing.assert_array_equal(i.numpy(), i32.numpy())  # every path gives the exact neighbours
+        np.testing.assert_allclose(d.numpy(), d32.numpy(), rtol=1e-5, atol=1e-6)
+        return ran[0]
+
+    assert path(True, 50 * 50) == "_torch_knn_bf16"  # "auto": bf16 on a fast CPU for a large enough search
+    assert path(True, 50 * 50 + 1) == "_torch_knn_self"  # smaller searches stay on fp32 (bf16 is slower there)
+    assert path(False, 1) == "_torch_knn_self"  # no native bf16
+    assert path(False, 10**12, precision="bf16") == "_torch_knn_bf16"  # asked for explicitly
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
