@@ -247,3 +247,42 @@ def test_detect_cli_non_finite_embeddings_are_one_clear_error(poisoned_csv, trai
                    "--dataset-type", "csv", "--out", str(tmp_path / "o"), "--detectors", "kdist", "--device", "cpu")
     assert proc.returncode == 2
     assert "non-finite embeddings" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("reference", ["batch", "global"])
+def test_non_finite_step_embeddings_are_skipped_and_counted(reference):
+    """A diverging step (NaN embeddings) leaves its samples unscored and counted; the run goes on."""
+    import argparse
+
+    import torch
+
+    from safe_train.detection.callback import DetectionCallback
+    from safe_train.interface import StepOutput, TrainContext, TrainPass
+    from safe_train.state import SampleTable
+
+    args = argparse.Namespace(detect="kdist,clip", detect_reference=reference, detect_k=3, detect_metric="l2",
+                              detect_backend="torch", detect_action="log", detect_drop_fraction=None,
+                              detect_drop_epoch=1, detect_every=1, detect_reference_size=None, detect_manifest=None,
+                              seed=0)
+    cb = DetectionCallback(args)
+    ctx = TrainContext(args=args, table=SampleTable(), rank=0, world_size=1)
+    cb.setup(ctx)
+    cb.on_epoch_start(ctx)
+    gen = torch.Generator().manual_seed(0)
+    for step, start in enumerate((0, 16)):
+        image, text = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
+        if step == 1:
+            image[3] = float("nan")
+        ids = torch.arange(start, start + 16)
+        ctx.table.register(ids.numpy())
+        cb.on_step_end(ctx, StepOutput(TrainPass(), ids, {"image_features": image, "text_features": text}, {}, 0))
+    ctx.table.sync()  # as the engine does before the epoch-end hooks
+    cb.on_epoch_end(ctx)
+    scored = np.isfinite(np.asarray(ctx.table["score_kdist"]))
+    ids = ctx.table.ids
+    if reference == "batch":  # the whole diverging batch stays unscored
+        assert scored[ids < 16].all() and not scored[ids >= 16].any()
+        assert ctx.epoch_metrics["detect_skipped_non_finite"] == 16
+    else:  # only the non-finite sample
+        assert scored.sum() == 31 and not scored[ids == 19].any()
+        assert ctx.epoch_metrics["detect_skipped_non_finite"] == 1

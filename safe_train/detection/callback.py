@@ -19,7 +19,9 @@ Columns (float32, NaN until scored): ``score_<detector>`` = the latest detection
 those ids from later epochs) and ``drop_score``. Per detection epoch (rank 0):
 ``<run>/detection/epoch_<E>_scores.npz`` (``sample_id``, ``score`` = first detector, ``score_<name>``),
 ``epoch_<E>_hist.png``, ``dropped_epoch_<E>.csv``; with ``--detect-manifest`` the metrics
-``detect_<name>_auroc``, ``_pr_auc``, ``_fpr95`` are logged.
+``detect_<name>_auroc``, ``_pr_auc``, ``_fpr95`` are logged. Samples whose embeddings are NaN/inf (a
+diverging step: the whole batch with the batch reference) stay unscored and are counted in
+``detect_skipped_non_finite``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class DetectionCallback(Callback):
             self.manifest = Manifest.load(args.detect_manifest)
         self.drop_done = False
         self._epoch_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.skipped_non_finite = 0  # samples of this epoch left unscored: their embeddings were NaN/inf
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
@@ -92,6 +95,14 @@ class DetectionCallback(Callback):
     # ---- per step ---------------------------------------------------------------------------------
     def on_epoch_start(self, ctx: TrainContext) -> None:
         self._epoch_rows = []
+        self.skipped_non_finite = 0
+
+    def _skip_non_finite(self, n: int, where: str) -> None:
+        """Count ``n`` unscored samples (a diverging step must not stop the run from inside detection)."""
+        if n and not self.skipped_non_finite:
+            log.warning("detection: %s non-finite embeddings (training diverging?); those samples stay unscored "
+                        "this epoch, counted in detect_skipped_non_finite", where)
+        self.skipped_non_finite += n
 
     def on_step_end(self, ctx: TrainContext, step: StepOutput) -> None:
         if not step.pass_.train or not self.active(ctx.epoch):
@@ -105,6 +116,9 @@ class DetectionCallback(Callback):
             return
         all_image, counts = gather_rows(image)
         all_text, _ = gather_rows(text)
+        if not (np.isfinite(all_image).all() and np.isfinite(all_text).all()):  # the same on every rank
+            self._skip_non_finite(len(ids), "a batch with")
+            return
         with torch.no_grad():
             scores = batch_scores(all_image, all_text, self.detectors, k=self.k, metric=self.metric, seed=self.seed,
                                   **self._knn_kwargs(ctx))
@@ -130,10 +144,13 @@ class DetectionCallback(Callback):
         all_image = np.concatenate(dist.gather_arrays(image.reshape(-1))).reshape(-1, width)
         all_text = np.concatenate(dist.gather_arrays(text.reshape(-1))).reshape(-1, width)
         result = None
-        if ctx.is_master and len(all_ids):
+        if ctx.is_master and len(all_ids):  # rank 0 decides; the counts below are rank 0's
             # one row per id (repeats from resampling/padding: the last one wins, as in the table)
             _, last = np.unique(all_ids[::-1], return_index=True)
             keep = np.sort(len(all_ids) - 1 - last)
+            finite = np.isfinite(all_image[keep]).all(1) & np.isfinite(all_text[keep]).all(1)
+            self._skip_non_finite(int((~finite).sum()), "samples with")
+            keep = keep[finite]
             scores = global_scores(all_image[keep], all_text[keep], self.detectors,
                                    reference_size=self.reference_size, k=self.k, metric=self.metric, seed=self.seed,
                                    **self._knn_kwargs(ctx))
@@ -152,6 +169,9 @@ class DetectionCallback(Callback):
             return
         if self.reference == "global":
             self._global_epoch_scores(ctx)
+        skipped = dist.all_reduce_int(self.skipped_non_finite)  # each rank counted its own (global: rank 0 all)
+        if skipped:
+            ctx.log_metric("detect_skipped_non_finite", skipped)
         table = ctx.table
         if not table.has_column("score_epoch") or len(table) == 0:
             return
