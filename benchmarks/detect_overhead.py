@@ -64,15 +64,13 @@ def callback_cost(batch_size: int, detect: str, threads: int, repeats: int = 50)
     import numpy as np
     import torch
 
-    from safe_train.callbacks import build_parser_for_detection
-    from safe_train.detection.callback import DetectionCallback
+    from safe_train.detection.callback import DetectionCallback, DetectionConfig
     from safe_train.interface import StepOutput, TrainContext, TrainPass
     from safe_train.state import SampleTable
 
     torch.set_num_threads(threads)
-    args = build_parser_for_detection().parse_args(["--detect", detect])
-    args.seed = 0
-    cb = DetectionCallback(args)
+    args = argparse.Namespace(seed=0)
+    cb = DetectionCallback(DetectionConfig(names=detect))
     ctx = TrainContext(args=args, table=SampleTable())
     cb.setup(ctx)
     norm = torch.nn.functional.normalize

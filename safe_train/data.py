@@ -25,17 +25,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from safe_train import openclip_compat as oc
+from safe_train import openclip as oc
+from safe_train.errors import DataError
 from safe_train.interface import SampleTransform, Selection
 from safe_train.sample_ids import webdataset_sample_id
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 16
-
-
-class DataError(ValueError):
-    """Bad training data (missing file or column, nothing usable): one clear message, exit non-zero."""
 
 
 class SkipCounter:
@@ -232,7 +229,7 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
 # ---------------------------------------------------------------------------------------------
 # webdataset
 # ---------------------------------------------------------------------------------------------
-class _CountingHandler:
+class CountingHandler:
     """webdataset error handler: log, count, continue — but stop a stream that yields nothing usable.
 
     (``with_epoch`` restarts an exhausted pipeline, so a shard set where every sample fails would
@@ -260,7 +257,7 @@ class _CountingHandler:
 _ID_KEY = "__sample_id__"  # dunder keys pass through webdataset's decoder untouched
 
 
-def _attach_id(sample: dict) -> dict:
+def attach_id(sample: dict) -> dict:
     sample[_ID_KEY] = webdataset_sample_id(sample["__url__"], sample["__key__"])
     return sample
 
@@ -273,8 +270,8 @@ class _Selected:
         return bool(self.selection.allows(np.array([sample[_ID_KEY]]))[0])
 
 
-class _ApplyTransform:
-    def __init__(self, transform: SampleTransform, handler: _CountingHandler) -> None:
+class ApplyTransform:
+    def __init__(self, transform: SampleTransform, handler: CountingHandler) -> None:
         self.transform = transform
         self.handler = handler
 
@@ -334,7 +331,7 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     """
     wds = oc.wds
     skip_counter = skip_counter or SkipCounter()
-    handler = _CountingHandler(skip_counter)
+    handler = CountingHandler(skip_counter)
     input_shards = args.train_data
     resampled = getattr(args, "dataset_resampled", False)
     num_shards = None
@@ -363,14 +360,14 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
         oc.tarfile_to_samples_nothrow,
         _SeededSampleShuffle(oc.SAMPLE_SHUFFLE_SIZE, oc.SAMPLE_SHUFFLE_INITIAL, args.seed, args.rank, shared_epoch),
         wds.select(oc.filter_no_caption_or_no_image),
-        wds.map(_attach_id),
+        wds.map(attach_id),
     ])
     if selection is not None:
         pipeline.append(wds.select(_Selected(selection)))
     pipeline.extend([
         wds.decode("pilrgb", handler=handler),
         wds.rename(image="jpg;png;jpeg;webp", text="txt"),
-        wds.map(_ApplyTransform(transform, handler), handler=handler),
+        wds.map(ApplyTransform(transform, handler), handler=handler),
         wds.batched(args.batch_size, partial=False, collation_fn=default_collate) if selection is None
         else _PaddedBatches(args.batch_size),
     ])

@@ -25,14 +25,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, default_collate
+from tqdm import tqdm
 
-from safe_train.detection.scores import DETECTORS, global_scores, parse_detectors, partitioned_scores
+from safe_train import openclip as oc
+from safe_train.data import (
+    ApplyTransform,
+    CountingHandler,
+    IdCsvDataset,
+    OpenClipTransform,
+    SkipCounter,
+    attach_id,
+)
+from safe_train.detection.callback import score_metrics, write_histogram
+from safe_train.detection.knn import faiss_available
+from safe_train.detection.scores import global_scores, parse_detectors, partitioned_scores
+from safe_train.errors import DetectError, SafeTrainError, report
+from safe_train.evaluate import input_dtype, load_model, precision_context
+from safe_train.manifest import Manifest
+from safe_train.registry import DETECTORS
+
+PROG = "safe-train detect"
 
 log = logging.getLogger("safe_train.detect")
-
-
-class DetectError(ValueError):
-    """Bad input for the detect command: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,20 +122,13 @@ def _check(args: argparse.Namespace) -> list[str]:
         args.dataset_type = "webdataset" if (".tar" in args.train_data or "{" in args.train_data) else "csv"
     if args.dataset_type == "csv" and not Path(args.train_data).is_file():
         raise DetectError(f"training data not found: {args.train_data}")
-    if args.backend == "faiss":
-        from safe_train.detection.knn import faiss_available
-
-        if not faiss_available():
-            raise DetectError("--backend faiss needs faiss (pip install faiss-cpu)")
+    if args.backend == "faiss" and not faiss_available():
+        raise DetectError("--backend faiss needs faiss (pip install faiss-cpu)")
     return detectors
 
 
 def _loader(args: argparse.Namespace, transform):
     """Batches of {image, text, sample_id}, every sample once, with training's sample ids."""
-    from torch.utils.data import DataLoader, default_collate
-
-    from safe_train.data import IdCsvDataset, SkipCounter
-
     counter = SkipCounter()
     if args.dataset_type == "csv":
         dataset = IdCsvDataset(args.train_data, transform, args.csv_img_key, args.csv_caption_key,
@@ -128,20 +136,17 @@ def _loader(args: argparse.Namespace, transform):
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                             collate_fn=default_collate)
         return loader, len(dataset), counter
-    from safe_train import openclip_compat as oc
-    from safe_train.data import _ApplyTransform, _attach_id, _CountingHandler
-
     wds = oc.wds
-    handler = _CountingHandler(counter)
+    handler = CountingHandler(counter)
     urls = oc.expand_urls(args.train_data)[0]
     missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if missing:
         raise DetectError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls), wds.split_by_worker, oc.tarfile_to_samples_nothrow,
-        wds.select(oc.filter_no_caption_or_no_image), wds.map(_attach_id),
+        wds.select(oc.filter_no_caption_or_no_image), wds.map(attach_id),
         wds.decode("pilrgb", handler=handler), wds.rename(image="jpg;png;jpeg;webp", text="txt"),
-        wds.map(_ApplyTransform(transform, handler), handler=handler),
+        wds.map(ApplyTransform(transform, handler), handler=handler),
         wds.batched(args.batch_size, partial=True, collation_fn=default_collate))
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.workers)
     total = oc.get_dataset_size(args.train_data)[0]
@@ -151,20 +156,15 @@ def _loader(args: argparse.Namespace, transform):
 @torch.no_grad()
 def embed(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample ids, image embeddings, text embeddings) of every readable sample, in data order, ids unique."""
-    from tqdm import tqdm
-
-    from safe_train.data import OpenClipTransform
-    from safe_train.evaluate import _input_dtype, _precision_context, load_model
-
     model, preprocess, tokenizer = load_model(args.model, args.checkpoint, device=args.device,
                                               precision=args.precision, image_mean=args.image_mean,
                                               image_std=args.image_std)
     loader, total, counter = _loader(args, OpenClipTransform(preprocess, tokenizer))
-    dtype = _input_dtype(args.precision)
+    dtype = input_dtype(args.precision)
     ids, images, texts = [], [], []
     with tqdm(total=total, desc="embedding", unit="sample", file=sys.stderr, mininterval=2) as bar:
         for batch in loader:
-            with _precision_context(args.precision, args.device):
+            with precision_context(args.precision, args.device):
                 img = model.encode_image(batch["image"].to(args.device, dtype=dtype), normalize=args.normalize)
                 txt = model.encode_text(batch["text"].to(args.device), normalize=args.normalize)
             ids.append(batch["sample_id"].numpy().astype(np.int64))
@@ -204,13 +204,9 @@ def select_blocklist(ids: np.ndarray, values: np.ndarray, top_fraction: float | 
 
 
 def run(args: argparse.Namespace) -> dict:
-    from safe_train.detection.callback import score_metrics, write_histogram
-
     detectors = _check(args)
     manifest = None
     if args.manifest:
-        from safe_train.manifest import Manifest
-
         manifest = Manifest.load(args.manifest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
         f.writelines(f"{i}\n" for i in blocked.tolist())
     labels = manifest.poisoned_mask(ids) if manifest is not None else None
     write_histogram(out / "hist.png", scores, labels, title=f"({args.reference})")
-    report = {
+    result = {
         "checkpoint": str(args.checkpoint), "model": args.model, "train_data": str(args.train_data),
         "num_samples": int(len(ids)), "detectors": detectors, "reference": args.reference, "k": args.k,
         "metric": args.metric, "normalize": args.normalize, "image_only": args.image_only,
@@ -248,28 +244,23 @@ def run(args: argparse.Namespace) -> dict:
                       "top_fraction": args.top_fraction, "threshold": args.threshold},
     }
     if manifest is not None:
-        report["num_poisoned"] = int(labels.sum())
-        report["metrics"] = score_metrics(scores, labels)
-        report["blocklist"]["poisoned"] = int(manifest.poisoned_mask(blocked).sum())
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+        result["num_poisoned"] = int(labels.sum())
+        result["metrics"] = score_metrics(scores, labels)
+        result["blocklist"]["poisoned"] = int(manifest.poisoned_mask(blocked).sum())
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     args = build_parser().parse_args(argv)
-    from safe_train.data import DataError
-    from safe_train.evaluate import EvaluationError
-    from safe_train.manifest import ManifestError
-
     try:
-        report = run(args)
-    except (DetectError, DataError, EvaluationError, ManifestError, FileNotFoundError) as e:
-        print(f"safe-train detect: error: {e}", file=sys.stderr)
-        return 2
-    summary = ", ".join(f"{n} AUROC {m['auroc']:.4f}" for n, m in report.get("metrics", {}).items())
-    print(f"scored {report['num_samples']} samples in {report['score_seconds']:.1f}s "
-          f"(embedding {report['embed_seconds']:.1f}s); blocklist: {report['blocklist']['count']} ids"
+        result = run(args)
+    except (SafeTrainError, FileNotFoundError) as e:  # FileNotFoundError: e.g. a missing image or manifest
+        return report(e, PROG)
+    summary = ", ".join(f"{n} AUROC {m['auroc']:.4f}" for n, m in result.get("metrics", {}).items())
+    print(f"scored {result['num_samples']} samples in {result['score_seconds']:.1f}s "
+          f"(embedding {result['embed_seconds']:.1f}s); blocklist: {result['blocklist']['count']} ids"
           + (f"; {summary}" if summary else "") + f" -> {args.out}")
     return 0
 

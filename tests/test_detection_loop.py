@@ -52,7 +52,7 @@ GATHER_WORKER = textwrap.dedent("""
                               detect_metric="l2", detect_backend="torch", detect_action="log",
                               detect_drop_fraction=None, detect_drop_epoch=1, detect_every=1,
                               detect_reference_size=None, detect_manifest=None, seed=0)
-    cb = DetectionCallback(args)
+    cb = DetectionCallback.from_args(args)
     ctx = TrainContext(args=args, table=SampleTable(), rank=rank, world_size=world)
     cb.setup(ctx)
     features = {"image_features": torch.from_numpy(data["image"][mine]),
@@ -264,7 +264,7 @@ def test_non_finite_step_embeddings_are_skipped_and_counted(reference):
                               detect_backend="torch", detect_action="log", detect_drop_fraction=None,
                               detect_drop_epoch=1, detect_every=1, detect_reference_size=None, detect_manifest=None,
                               seed=0)
-    cb = DetectionCallback(args)
+    cb = DetectionCallback.from_args(args)
     ctx = TrainContext(args=args, table=SampleTable(), rank=0, world_size=1)
     cb.setup(ctx)
     cb.on_epoch_start(ctx)

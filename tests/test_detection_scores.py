@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from safe_train.detection.detectors import Detector, ScoreInputs
 from safe_train.detection.knn import faiss_available, knn
 from safe_train.detection.scores import (
     batch_scores,
@@ -14,6 +15,8 @@ from safe_train.detection.scores import (
     parse_detectors,
     partitioned_scores,
 )
+from safe_train.errors import ConfigError
+from safe_train.registry import DETECTORS, list_detectors
 
 faiss_missing = not faiss_available()
 
@@ -144,7 +147,54 @@ def test_partitioned_scores_match_batch_scores_per_chunk():
 def test_unknown_detector_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown detector"):
         parse_detectors("kdist,nope")
+    with pytest.raises(ConfigError, match="choose from clip, dao, iforest, kdist, lid, slof"):
+        parse_detectors(["nope"])
     assert parse_detectors("kdist, SLOF,kdist") == ["kdist", "slof"]
+    assert list_detectors() == ["clip", "dao", "iforest", "kdist", "lid", "slof"]
+
+
+def test_a_registered_third_party_detector_is_scored_by_name():
+    """A detector registered from outside the package works in every scoring function, with no edit to them."""
+    seen: list[ScoreInputs] = []
+
+    class MeanNeighbourRatio(Detector):
+        name = "test_mean_ratio"
+        default_k = 3
+        needs_reference_knn = True
+
+        def score(self, x: ScoreInputs) -> np.ndarray:
+            seen.append(x)
+            own = x.query_dist[:, : x.k].mean(axis=1)
+            return own / x.reference_dist[:, x.k - 1][x.query_idx[:, 0]]
+
+    rng = np.random.default_rng(10)
+    b = 12
+    img = rng.normal(size=(b, 4)).astype(np.float32)
+    txt = rng.normal(size=(b, 4)).astype(np.float32)
+    DETECTORS.register(MeanNeighbourRatio)
+    try:
+        assert parse_detectors("Test_Mean_Ratio,kdist") == ["test_mean_ratio", "kdist"]
+        # lid's larger k (64, clamped to 22) sets the width of the shared neighbour arrays
+        got = batch_scores(img, txt, ["lid", "test_mean_ratio"])
+        assert list(got) == ["lid", "test_mean_ratio"]
+        assert seen[-1].k == 3 and seen[-1].query_dist.shape == (b, 22)
+        reference = np.concatenate([img, txt])
+        partner = lambda j: j + b if j < b else j - b  # noqa: E731
+        dq, dr = _dist(img, reference, "l2"), _dist(reference, reference, "l2")
+        for i in range(b):
+            a, order = _sorted_admissible(dq[i], {i, i + b})
+            o = order[0]
+            r_a, _ = _sorted_admissible(dr[o], {o, partner(o)})
+            assert got["test_mean_ratio"][i] == pytest.approx(a[:3].mean() / r_a[2], rel=1e-4)
+        np.testing.assert_array_equal(got["lid"], batch_scores(img, txt, ["lid"])["lid"])  # others unchanged
+        assert batch_scores(img, txt, ["test_mean_ratio"], k=5)["test_mean_ratio"].shape == (b,)
+        assert seen[-1].k == 5 and seen[-1].query_dist.shape == (b, 5)
+        assert global_scores(img, txt, ["test_mean_ratio"], reference_size=8)["test_mean_ratio"].shape == (b,)
+    finally:
+        DETECTORS._entries.pop("test_mean_ratio", None)
+    assert "test_mean_ratio" not in DETECTORS
+    with pytest.raises(ConfigError, match="unknown detector"):
+        parse_detectors("test_mean_ratio")
 
 
 # ------------------------------------------------------------------------------------------ kNN

@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision import transforms
 
 from safe_train import evaluate as ev
+from safe_train import evaluate_cli as cli
 from safe_train.zeroshot_sets import MNIST_CLASSNAMES, MNIST_TEMPLATES, get_zeroshot_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,9 +158,7 @@ def test_asr_excludes_target_class_images():
 
 
 def test_evaluate_model_asr_pass_skips_target_images(stub_data, monkeypatch):
-    import safe_train.evaluate as module
-
-    monkeypatch.setattr(module, "build_classifier", lambda *a, **k: STUB_CLASSIFIER)
+    monkeypatch.setattr(ev, "build_classifier", lambda *a, **k: STUB_CLASSIFIER)
     model = ColourModel()
     model.visual = types.SimpleNamespace(image_size=(4, 4))
     calls = []
@@ -334,7 +333,7 @@ REQUIRED_KEYS = {"clean_top1", "clean_top5", "asr", "n_eval", "n_asr", "checkpoi
 
 def test_cli_clean_and_attack(tmp_path, checkpoint, digit_test_csv, monkeypatch):
     out = tmp_path / "clean.json"
-    rc = ev.main(
+    rc = cli.main(
         [
             "--model",
             "st-tiny-vit",
@@ -354,15 +353,16 @@ def test_cli_clean_and_attack(tmp_path, checkpoint, digit_test_csv, monkeypatch)
     assert clean["asr"] is None and clean["attack"] is None and clean["n_eval"] == 12
     assert clean["checkpoint"] == str(checkpoint.resolve())
 
-    # The attack module is someone else's: a stand-in keeps this test about evaluation.
-    fake = types.ModuleType("safe_train.attacks")
-    fake.resize_to_model = lambda img, size: img.convert("RGB").resize((size, size), Image.BILINEAR)
-    fake.build_trigger = lambda name, size, seed=0, **p: (
-        lambda img: Image.new("RGB", img.size, (255, 255, 255))
+    # The attack module is someone else's: stand-ins keep this test about evaluation.
+    monkeypatch.setattr(
+        ev, "resize_to_model", lambda img, size: img.convert("RGB").resize((size, size), Image.BILINEAR)
     )
-    monkeypatch.setitem(sys.modules, "safe_train.attacks", fake)
+    def white_trigger(name, size, seed=0, **params):
+        return lambda img: Image.new("RGB", img.size, (255, 255, 255))
+
+    monkeypatch.setattr(ev, "build_trigger", white_trigger)
     out = tmp_path / "attack.json"
-    rc = ev.main(
+    rc = cli.main(
         [
             "--model",
             "st-tiny-vit",
@@ -403,18 +403,16 @@ def test_cli_scores_give_detection_metrics(tmp_path, checkpoint, digit_test_csv,
     manifest = types.SimpleNamespace(
         attack="badnets", params={"patch_size": 3}, target="one", seed=0, image_size=32, poisoned_ids=[2, 5]
     )
-    fake_manifest = types.ModuleType("safe_train.manifest")
-    fake_manifest.Manifest = types.SimpleNamespace(load=lambda path: manifest)
-    fake_attacks = types.ModuleType("safe_train.attacks")
-    fake_attacks.resize_to_model = lambda img, size: img.convert("RGB").resize((size, size), Image.BILINEAR)
-    fake_attacks.trigger_from_manifest = lambda m: lambda img: img
-    monkeypatch.setitem(sys.modules, "safe_train.manifest", fake_manifest)
-    monkeypatch.setitem(sys.modules, "safe_train.attacks", fake_attacks)
+    monkeypatch.setattr(ev, "Manifest", types.SimpleNamespace(load=lambda path: manifest))
+    monkeypatch.setattr(
+        ev, "resize_to_model", lambda img, size: img.convert("RGB").resize((size, size), Image.BILINEAR)
+    )
+    monkeypatch.setattr(ev, "trigger_from_manifest", lambda m: lambda img: img)
     (tmp_path / "manifest.json").write_text("{}")
     scores = tmp_path / "scores.csv"
     scores.write_text("sample_id,score\n0,0.1\n1,0.2\n2,0.9\n3,0.3\n4,0.15\n5,0.8\n")
     out = tmp_path / "r.json"
-    rc = ev.main(
+    rc = cli.main(
         [
             "--model",
             "st-tiny-vit",
@@ -453,16 +451,16 @@ def test_cli_scores_give_detection_metrics(tmp_path, checkpoint, digit_test_csv,
 )
 def test_cli_bad_input(extra, message, digit_test_csv, capsys):
     argv = ["--model", "st-tiny-vit", "--test-data", str(digit_test_csv), "--zeroshot-set", "mnist"]
-    rc = ev.main(argv + extra)
+    rc = cli.main(argv + extra)
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert message in err and err.startswith("error: ") and "\n" not in err
+    assert message in err and err.startswith("safe-train evaluate: error: ") and "\n" not in err
 
 
 def test_cli_real_badnets_trigger(tmp_path, checkpoint, digit_test_csv):
     pytest.importorskip("safe_train.attacks", exc_type=ImportError)
     out = tmp_path / "r.json"
-    rc = ev.main(
+    rc = cli.main(
         [
             "--model",
             "st-tiny-vit",
@@ -492,7 +490,7 @@ def test_module_entry_point_exit_code(tmp_path):
         [
             sys.executable,
             "-m",
-            "safe_train.evaluate",
+            "safe_train.evaluate_cli",
             "--model",
             "st-tiny-vit",
             "--test-data",
@@ -506,7 +504,12 @@ def test_module_entry_point_exit_code(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: test data not found")
+    assert proc.stderr.strip().splitlines()[-1].startswith("safe-train evaluate: error: test data not found")
+    # the library is no command: it says where the command went instead of silently doing nothing
+    proc = subprocess.run(
+        [sys.executable, "-m", "safe_train.evaluate"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 1 and "python -m safe_train.evaluate_cli" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- zero-shot sets

@@ -16,6 +16,7 @@ import torch
 from safe_train.detection.knn import knn
 
 K = importlib.import_module("safe_train.detection.knn")  # the module (the package re-exports the function)
+B = importlib.import_module("safe_train.detection.knn_bf16")  # the bf16 path's internals
 
 
 def brute(q: np.ndarray, r: np.ndarray, k: int, metric: str, excl: list[set[int]] | None):
@@ -98,8 +99,8 @@ def test_general_path_with_exclusions(metric, rng):
 def count_fallback_rows(monkeypatch) -> list[int]:
     """Record the number of rows of every call of the bf16 path's exact fallback."""
     calls = []
-    fallback = K._bf16_fallback
-    monkeypatch.setattr(K, "_bf16_fallback", lambda *a, **kw: calls.append(len(a[2])) or fallback(*a, **kw))
+    fallback = B._bf16_fallback
+    monkeypatch.setattr(B, "_bf16_fallback", lambda *a, **kw: calls.append(len(a[2])) or fallback(*a, **kw))
     return calls
 
 
@@ -145,8 +146,8 @@ def test_fallback_is_exact_with_an_offset(offset, rng, monkeypatch):
 def test_fallback_alone_is_exact(metric, rng, monkeypatch):
     """Every row rejected by the check: the fallback alone gives the exact answer (general path and
     self-join, with exclusions)."""
-    rerank = K._rerank
-    monkeypatch.setattr(K, "_rerank", lambda *a, **kw: rerank(*a, **kw)._replace(exact=torch.zeros(
+    rerank = B._rerank
+    monkeypatch.setattr(B, "_rerank", lambda *a, **kw: rerank(*a, **kw)._replace(exact=torch.zeros(
         len(a[2]), dtype=torch.bool)))
     calls = count_fallback_rows(monkeypatch)
     r = clustered(rng, 700, 12, offset=30.0)
@@ -230,15 +231,15 @@ def test_error_bound_holds(rng):
     in the centred and scaled frame of the search."""
     for scale, offset in ((1.0, 0.0), (1e3, 0.0), (1e-3, 5e-3), (1e-20, 0.0), (1e19, 3e19)):
         x = torch.from_numpy((clustered(rng, 600, 48, spread=0.05) * scale + offset).astype(np.float32))
-        frame = K._frame(x, x, True)
+        frame = B._frame(x, x, True)
         xc = frame.apply(x)
         assert float(torch.linalg.vector_norm(xc, dim=1).max()) <= 1
-        sp = K._split(xc)
-        v = K._bf16_gemm(K._form(sp, 0, 600, True), K._form(sp, 0, 600, False)).double()
+        sp = B._split(xc)
+        v = B._bf16_gemm(B._form(sp, 0, 600, True), B._form(sp, 0, 600, False)).double()
         xd = xc.double()
         d2 = ((xd[:, None, :] - xd[None, :, :]) ** 2).sum(-1)
-        e = K._error_bound(sp.norms, sp.norms, 48).double()[:, None]
-        assert ((v - d2).abs() <= e + K.RHO * v.abs()).all()
+        e = B._error_bound(sp.norms, sp.norms, 48).double()[:, None]
+        assert ((v - d2).abs() <= e + B.RHO * v.abs()).all()
         assert (e < 1e-4 * d2.max()).all()  # and it is not vacuous: the final bf16 rounding dominates
 
 
@@ -259,24 +260,24 @@ def test_prune_keeps_every_entry_that_can_enter(shape, kp):
     kp-th smallest); never an excluded (+inf) entry. Both block directions, negative keys, tails."""
     gen = torch.Generator().manual_seed(0)
     keys = torch.randint(-300, 3000, shape, dtype=torch.int16, generator=gen)
-    keys[torch.rand(shape, generator=gen) < 0.05] = K.KEY_INF
+    keys[torch.rand(shape, generator=gen) < 0.05] = B.KEY_INF
     for dim in (1, 0):
         view = keys if dim == 1 else keys.T  # [queries, references]
         tau = torch.randint(-200, 300, (view.shape[0],), dtype=torch.int16, generator=gen)
-        tau[::3] = K.KEY_EMPTY
-        q, ref, key, grouped, lowest = K._prune(keys, tau, kp, dim)
+        tau[::3] = B.KEY_EMPTY
+        q, ref, key, grouped, lowest = B._prune(keys, tau, kp, dim)
         assert lowest == int(keys.min())
         assert not grouped or bool((q[1:] >= q[:-1]).all())
-        assert torch.equal(view[q, ref], key) and (key < K.KEY_INF).all()
+        assert torch.equal(view[q, ref], key) and (key < B.KEY_INF).all()
         got = torch.zeros(view.shape, dtype=torch.bool)
         got[q, ref] = True
         assert int(got.sum()) == q.numel()  # no duplicates
-        warm = tau != K.KEY_EMPTY
+        warm = tau != B.KEY_EMPTY
         assert torch.equal(got[warm], view[warm] < tau[warm, None])
         kth = torch.kthvalue(view[~warm].int(), kp, dim=1).values[:, None]
         assert (got[~warm] | (view[~warm] >= kth)).all()  # every entry below the kp-th smallest
         assert ((got[~warm] & (view[~warm] <= kth)).sum(1) >= kp).all()  # and kp entries up to it
-        if view.shape[1] // K.GROUP < kp:
+        if view.shape[1] // B.GROUP < kp:
             assert torch.equal(got[~warm], view[~warm] <= kth)
 
 
@@ -292,7 +293,7 @@ def test_precision_argument(monkeypatch):
         real = getattr(K, name)
         return lambda *a, **kw: ran.append(name) or real(*a, **kw)
 
-    for name in ("_torch_knn_bf16", "_torch_knn_self"):
+    for name in ("torch_knn_bf16", "_torch_knn_self"):
         monkeypatch.setattr(K, name, spy(name))
 
     def path(fast: bool, min_pairs: int, **kwargs) -> str:
@@ -304,10 +305,10 @@ def test_precision_argument(monkeypatch):
         np.testing.assert_allclose(d.numpy(), d32.numpy(), rtol=1e-5, atol=1e-6)
         return ran[0]
 
-    assert path(True, 50 * 50) == "_torch_knn_bf16"  # "auto": bf16 on a fast CPU for a large enough search
+    assert path(True, 50 * 50) == "torch_knn_bf16"  # "auto": bf16 on a fast CPU for a large enough search
     assert path(True, 50 * 50 + 1) == "_torch_knn_self"  # smaller searches stay on fp32 (bf16 is slower there)
     assert path(False, 1) == "_torch_knn_self"  # no native bf16
-    assert path(False, 10**12, precision="bf16") == "_torch_knn_bf16"  # asked for explicitly
+    assert path(False, 10**12, precision="bf16") == "torch_knn_bf16"  # asked for explicitly
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

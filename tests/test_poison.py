@@ -15,12 +15,15 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from safe_train.attacks import (
+    ATTACKS,
     MNIST_TEMPLATES,
+    Trigger,
     build_trigger,
     mentions_target,
     resize_to_model,
     trigger_from_manifest,
 )
+from safe_train.errors import PoisonError, SafeTrainError
 from safe_train.manifest import Manifest
 from safe_train.poison import main, poison_dataset
 from safe_train.sample_ids import webdataset_sample_id
@@ -431,13 +434,60 @@ def test_cli_errors(argv: list[str], message: str, csv_data: Path, tmp_path: Pat
     out = tmp_path / "o"
     rc = main([argv[0], str(out), *argv[1:]])
     err = capsys.readouterr().err
-    assert rc != 0
+    assert rc == 2
     assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1 or err.startswith("usage:")  # one line, or argparse's usage + error
     assert not out.exists()
 
 
 def test_cli_refuses_a_non_empty_output_dir(csv_data: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     rc = main([str(csv_data), str(tmp_path), "--attack", "badnets", "--count", "2"])
-    assert rc == 2 and "not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("safe-train poison: error: output directory") and "not empty" in err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_bad_input_is_a_poison_error(csv_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(PoisonError, match="count must be"):
+        poison_dataset(csv_data, tmp_path / "o", "badnets", count=0)
+    assert issubclass(PoisonError, SafeTrainError) and issubclass(PoisonError, ValueError)
+
+
+class Darken(Trigger):
+    """A plugin trigger registered by the test: halve every pixel."""
+
+    name = "test_darken"
+
+    def __init__(self, image_size: int, seed: int = 0, factor: int = 2) -> None:
+        super().__init__(image_size, seed)
+        self.factor = factor
+
+    @property
+    def params(self) -> dict:
+        return {"factor": self.factor}
+
+    def apply(self, arr: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return arr // self.factor
+
+
+def test_cli_takes_a_registered_plugin_attack(csv_data: Path, tmp_path: Path, capsys) -> None:
+    ATTACKS.register(Darken)
+    try:
+        rc = main([str(csv_data), str(tmp_path / "bad"), "--attack", "test_darken", "--count", "3", "--alpha", "0.1"])
+        assert rc == 2
+        assert "--alpha does not apply to --attack test_darken (it takes no trigger options)" in capsys.readouterr().err
+        out = tmp_path / "plugin"
+        rc = main([str(csv_data), str(out), "--attack", "test_darken", "--count", "3", "--target", "zero",
+                   "--templates", "mnist", "--image-size", str(SIZE)])
+        assert rc == 0
+        m = Manifest.load(out)
+        assert m.attack == "test_darken" and m.num_poisoned == 3 and m.params == {"factor": 2}
+        for sample in m.samples:
+            with Image.open(sample["image"]) as img:
+                poisoned = np.asarray(img)
+            with Image.open(sample["original_image"]) as img:
+                clean = np.asarray(resize_to_model(img, SIZE))
+            assert np.array_equal(poisoned, clean // 2)
+    finally:
+        ATTACKS._entries.pop("test_darken", None)

@@ -43,11 +43,12 @@ def test_resume_continues_as_if_uninterrupted(csv_64, tmp_path, monkeypatch):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_resume_refuses_state_of_another_defense(csv_64, tmp_path):
+def test_resume_refuses_state_of_another_defense(csv_64, tmp_path, capsys):
     import plugins  # noqa: F401  (registers test_pass_plan)
 
     assert run_safe_train(train_flags(csv_64, tmp_path, "r", epochs=1, extra=["--track-samples"])) == 0
     ckpt = tmp_path / "r/checkpoints/epoch_1.pt"
-    with pytest.raises(SystemExit, match="--defense none"):
-        run_safe_train(train_flags(csv_64, tmp_path, "r2", epochs=2,
-                                   extra=["--defense", "test_pass_plan", "--resume", str(ckpt)]))
+    code = run_safe_train(train_flags(csv_64, tmp_path, "r2", epochs=2,
+                                      extra=["--defense", "test_pass_plan", "--resume", str(ckpt)]))
+    assert code == 2  # one line on stderr, exit 2, no traceback
+    assert "was trained with --defense none, not --defense test_pass_plan" in capsys.readouterr().err

@@ -16,9 +16,10 @@ from conftest import REPO, base_env, train_flags
 from helpers import KillAtEpoch, Killed, load_table, run_safe_train, with_callbacks
 
 from safe_train.args import build_parser
-from safe_train.defenses.safeclip import SafeClip, _FeatureBank, choose_safe, fit_similarity_mixture
+from safe_train.defenses.safeclip import SafeClip, choose_safe, fit_similarity_mixture
+from safe_train.errors import ConfigError, WordNetMissingError
 from safe_train.interface import Callback, TrainContext, TrainPass
-from safe_train.losses import GatherSpec, clip_loss, contrastive_ce
+from safe_train.losses import FeatureBank, clip_loss, contrastive_ce
 from safe_train.state import SampleTable
 
 WARMUP = ["--defense", "safeclip", "--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-warmup-epochs", "1",
@@ -27,7 +28,7 @@ WARMUP = ["--defense", "safeclip", "--safeclip-unimodal-warmup-epochs", "1", "--
 
 def _defense(*flags: str) -> SafeClip:
     ours, _ = build_parser().parse_known_args(["--defense", "safeclip", *flags])
-    return SafeClip(ours)
+    return SafeClip.from_args(ours)
 
 
 # ---- the mixture and the split ----------------------------------------------------------------
@@ -102,7 +103,6 @@ def test_inloop_mode_plans_no_inference_pass():
     (["--safeclip-threshold", "1.5"], "threshold"),
 ])
 def test_bad_settings_are_config_errors(flags, message):
-    from safe_train.args import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         _defense(*flags)
@@ -149,7 +149,7 @@ def test_loss_terms_match_hand_computation():
 
 
 def test_memory_bank_nearest_neighbour_and_fifo():
-    bank = _FeatureBank(size=4, dim=3, seed=0)
+    bank = FeatureBank(size=4, dim=3, seed=0)
     bank.features = torch.eye(4, 3)[[0, 1, 2, 0]]  # e0 e1 e2 e0
     queries = F.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 1.0]]), dim=-1)
     torch.testing.assert_close(bank.nearest(queries), torch.eye(3)[[0, 2]])
@@ -159,35 +159,13 @@ def test_memory_bank_nearest_neighbour_and_fifo():
     assert bank.pointer == 1 and (bank.features[3] == 7).all() and (bank.features[0] == 7).all()
 
     defense = _defense("--safeclip-memory-bank", "4")
-    defense.banks = {"image": _FeatureBank(4, 3, 0), "text": _FeatureBank(4, 3, 1)}
+    defense.banks = {"image": FeatureBank(4, 3, 0), "text": FeatureBank(4, 3, 1)}
     i1, i2, t1, t2 = (_unit(2, 3, s) for s in range(4))
     features = {"image_features": i1, "text_features": t2, "image_view2_features": i2, "text_view1_features": t1,
                 "logit_scale": torch.tensor(3.0)}
     loss = defense.compute_loss(None, features, TrainPass(mode="unimodal"), None)["unimodal_loss"]
     a, b = defense.banks["image"].nearest(i1), defense.banks["text"].nearest(t1)
     assert float(loss) == pytest.approx((_hand_ce(i2, a, 3.0) + _hand_ce(t2, b, 3.0)) / 2, rel=1e-5)
-
-
-def _gathered_worker(rank: int, init_file: str, out_file: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    q, k = _unit(6, 4, 10), _unit(6, 4, 11)
-    q.requires_grad_(True)
-    local = slice(rank * 3, rank * 3 + 3)
-    spec = GatherSpec(rank=rank, world_size=2)
-    ce = contrastive_ce(q[local], k[local], torch.tensor(5.0), spec)
-    clip = clip_loss(q[local], k[local], torch.tensor(5.0), spec)
-    torch.save({"ce": float(ce), "clip": float(clip)}, f"{out_file}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
-def test_gathered_two_rank_loss_equals_single_process(tmp_path):
-    torch.multiprocessing.spawn(_gathered_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
-    q, k = _unit(6, 4, 10), _unit(6, 4, 11)
-    single_ce = float(contrastive_ce(q, k, torch.tensor(5.0)))
-    single_clip = float(clip_loss(q, k, torch.tensor(5.0)))
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
-        assert got["ce"] == pytest.approx(single_ce, rel=1e-5) and got["clip"] == pytest.approx(single_clip, rel=1e-5)
 
 
 # ---- real training runs -----------------------------------------------------------------------------
@@ -311,12 +289,12 @@ def test_inference_sampler_covers_every_sample_on_every_rank_count():
 
 
 def test_missing_wordnet_is_one_clear_error(csv_64, tmp_path, monkeypatch, capsys):
-    import safe_train.augment as augment
+    import safe_train.defenses.safeclip as safeclip
 
     def missing() -> None:
-        raise augment.WordNetMissingError("nltk's WordNet corpus was not found; run install-wordnet")
+        raise WordNetMissingError("nltk's WordNet corpus was not found; run install-wordnet")
 
-    monkeypatch.setattr(augment, "ensure_wordnet", missing)
+    monkeypatch.setattr(safeclip, "ensure_wordnet", missing)
     assert run_safe_train(train_flags(csv_64, tmp_path, "nownet", extra=WARMUP)) == 2
     assert "WordNet corpus was not found" in capsys.readouterr().err
 

@@ -2,27 +2,29 @@
 
 Build a poisoned dataset with ``python -m safe_train.poison`` (``safe_train.poison.poison_dataset``);
 rebuild its trigger for evaluation with :func:`trigger_from_manifest`. See docs/attacks.md.
+
+Importing this package registers every built-in trigger class in ``ATTACKS`` (the registry
+:data:`safe_train.registry.ATTACKS` loads it for that); :func:`attack_names` lists every valid attack.
 """
 
 from safe_train.attacks.captions import MNIST_TEMPLATES, load_templates, mentions_target
 from safe_train.attacks.triggers import (
-    ATTACK_NAMES,
-    ATTACKS,
     SIG,
     TARGETED,
     BadNets,
     Blended,
     Trigger,
     WaNet,
+    attack_names,
     build_trigger,
     resize_to_model,
     trigger_from_manifest,
     trigger_params,
 )
+from safe_train.registry import ATTACKS
 
 __all__ = [
     "ATTACKS",
-    "ATTACK_NAMES",
     "MNIST_TEMPLATES",
     "SIG",
     "TARGETED",
@@ -30,6 +32,7 @@ __all__ = [
     "Blended",
     "Trigger",
     "WaNet",
+    "attack_names",
     "build_trigger",
     "load_templates",
     "mentions_target",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from safe_train.errors import ConfigError
+
 #: the 8 templates of the offline MNIST benchmark (docs/attacks.md).
 MNIST_TEMPLATES: tuple[str, ...] = (
     "a photo of the number {}.",
@@ -20,7 +22,7 @@ MNIST_TEMPLATES: tuple[str, ...] = (
 
 def openai_templates() -> tuple[str, ...]:
     """OpenCLIP's 80 OpenAI ImageNet templates, as ``{}`` format strings."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # deferred: open_clip imports torch
 
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
@@ -37,10 +39,10 @@ def load_templates(spec: str) -> tuple[str, ...]:
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     templates = tuple(line for line in lines if line)
     if not templates:
-        raise ValueError(f"template file {spec} has no templates")
+        raise ConfigError(f"template file {spec} has no templates")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"template file {spec}: every line needs a '{{}}' for the class name; not: {bad[0]!r}"
         )
     return templates

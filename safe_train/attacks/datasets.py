@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from safe_train.errors import DataError
+
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")  # OpenCLIP's rename(image="jpg;png;jpeg;webp") order
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -49,7 +51,7 @@ class CsvTable:
 
     def column(self, name: str, path: str) -> int:
         if name not in self.columns:
-            raise ValueError(f"{path}: no column {name!r}; columns are {self.columns}")
+            raise DataError(f"{path}: no column {name!r}; columns are {self.columns}")
         return self.columns.index(name)
 
 
@@ -82,12 +84,12 @@ def read_csv_table(path: str | Path, sep: str) -> CsvTable:
     while records and records[0].fields is None:  # pandas skips leading empty lines too
         records.pop(0)
     if not records:
-        raise ValueError(f"{path}: empty CSV (no header)")
+        raise DataError(f"{path}: empty CSV (no header)")
     header, body = records[0], records[1:]
     columns = [c.lstrip("\ufeff") if i == 0 else c for i, c in enumerate(header.fields or [])]
     for number, record in enumerate(r for r in body if r.fields is not None):
         if len(record.fields) != len(columns):
-            raise ValueError(
+            raise DataError(
                 f"{path}: data row {number} has {len(record.fields)} fields, the header has {len(columns)}"
             )
     return CsvTable(header, columns, body)

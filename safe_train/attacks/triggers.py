@@ -11,6 +11,11 @@ from ``np.random.default_rng(seed)``. Per-image randomness (BadNets ``location="
 ``fresh=True``) comes from an explicit ``rng`` argument when one is given, and otherwise from a
 generator seeded by ``(seed, hash of the image's pixels)``: a pure function of the image, so the
 result does not depend on call order, data-loader workers or processes.
+
+Each trigger class registers itself in :data:`safe_train.registry.ATTACKS` under its ``name`` (its
+``--attack`` name); a plugin adds an attack the same way (``@ATTACKS.register`` on a :class:`Trigger`
+subclass, loaded through the ``safe_train.attacks`` entry-point group). ``targeted`` has no trigger
+class: :func:`attack_names` lists it after the registered ones.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from safe_train.errors import ConfigError
+from safe_train.manifest import Manifest
+from safe_train.registry import ATTACKS
+
 # Salts keep the per-image streams of different uses apart.
 _SALT_POSITION = 1
 _SALT_NOISE = 2
@@ -39,7 +48,7 @@ def resize_to_model(img: Image.Image, image_size: int) -> Image.Image:
     covers the same model pixels whatever the original shape.
     """
     if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
     return img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
 
 
@@ -55,9 +64,9 @@ class Trigger:
 
     def __init__(self, image_size: int, seed: int = 0) -> None:
         if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise ConfigError(f"image_size must be a positive int, got {image_size!r}")
         if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
         self.image_size = image_size
         self.seed = seed
 
@@ -93,6 +102,8 @@ class Trigger:
         return f"{type(self).__name__}(image_size={self.image_size}, seed={self.seed}, {args})"
 
 
+@ATTACKS.register(name="label_consistent")  # the same patch, on images whose caption names the target
+@ATTACKS.register
 class BadNets(Trigger):
     """A small square patch (Gu et al.): a black/white checkerboard or a fixed uniform-noise patch.
 
@@ -115,11 +126,11 @@ class BadNets(Trigger):
     ) -> None:
         super().__init__(image_size, seed)
         if not isinstance(patch_size, int) or not 1 <= patch_size <= image_size:
-            raise ValueError(f"patch_size must be an int in [1, image_size={image_size}], got {patch_size!r}")
+            raise ConfigError(f"patch_size must be an int in [1, image_size={image_size}], got {patch_size!r}")
         if location not in self.LOCATIONS:
-            raise ValueError(f"location must be one of {self.LOCATIONS}, got {location!r}")
+            raise ConfigError(f"location must be one of {self.LOCATIONS}, got {location!r}")
         if pattern not in self.PATTERNS:
-            raise ValueError(f"pattern must be one of {self.PATTERNS}, got {pattern!r}")
+            raise ConfigError(f"pattern must be one of {self.PATTERNS}, got {pattern!r}")
         self.patch_size, self.location, self.pattern = patch_size, location, pattern
         if pattern == "checkerboard":
             rows, cols = np.indices((patch_size, patch_size))
@@ -150,6 +161,7 @@ class BadNets(Trigger):
         return out
 
 
+@ATTACKS.register
 class Blended(Trigger):
     """Blend the whole image with a pattern (Chen et al.): ``out = round((1 - alpha)·img + alpha·pattern)``.
 
@@ -165,7 +177,7 @@ class Blended(Trigger):
     ) -> None:
         super().__init__(image_size, seed)
         if not 0.0 < float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+            raise ConfigError(f"alpha must be in (0, 1], got {alpha!r}")
         self.alpha, self.fresh = float(alpha), bool(fresh)
         shape = (image_size, image_size, 3)
         if pattern == "noise":
@@ -175,7 +187,7 @@ class Blended(Trigger):
             )
         else:
             if self.fresh:
-                raise ValueError("fresh=True only applies to pattern='noise'")
+                raise ConfigError("fresh=True only applies to pattern='noise'")
             path = Path(pattern).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"blended pattern image not found: {pattern}")
@@ -199,6 +211,7 @@ class Blended(Trigger):
         return _to_uint8((1.0 - self.alpha) * arr.astype(np.float64) + self.alpha * pattern)
 
 
+@ATTACKS.register
 class SIG(Trigger):
     """A horizontal sinusoid added to every row and channel (Barni et al.).
 
@@ -214,9 +227,9 @@ class SIG(Trigger):
     ) -> None:
         super().__init__(image_size, seed)
         if not 0.0 < float(amplitude) <= 1.0:
-            raise ValueError(f"amplitude must be in (0, 1] (pixel scale [0, 1]), got {amplitude!r}")
+            raise ConfigError(f"amplitude must be in (0, 1] (pixel scale [0, 1]), got {amplitude!r}")
         if not float(frequency) > 0.0:
-            raise ValueError(f"frequency must be > 0, got {frequency!r}")
+            raise ConfigError(f"frequency must be > 0, got {frequency!r}")
         self.amplitude, self.frequency = float(amplitude), float(frequency)
         x = np.arange(image_size, dtype=np.float64)
         self.signal = 255.0 * self.amplitude * np.sin(2.0 * math.pi * self.frequency * x / image_size)
@@ -229,6 +242,7 @@ class SIG(Trigger):
         return _to_uint8(arr.astype(np.float64) + self.signal[None, :, None])
 
 
+@ATTACKS.register
 class WaNet(Trigger):
     """Warp the image with one fixed, smooth random flow field (Nguyen & Tran).
 
@@ -245,11 +259,11 @@ class WaNet(Trigger):
     def __init__(self, image_size: int, seed: int = 0, strength: float = 1.0, grid_size: int = 4) -> None:
         super().__init__(image_size, seed)
         if image_size < 2:
-            raise ValueError("wanet needs image_size >= 2")
+            raise ConfigError("wanet needs image_size >= 2")
         if not float(strength) >= 0.0:
-            raise ValueError(f"strength must be >= 0 (pixels), got {strength!r}")
+            raise ConfigError(f"strength must be >= 0 (pixels), got {strength!r}")
         if not isinstance(grid_size, int) or grid_size < 2:
-            raise ValueError(f"grid_size must be an int >= 2, got {grid_size!r}")
+            raise ConfigError(f"grid_size must be an int >= 2, got {grid_size!r}")
         self.strength, self.grid_size = float(strength), grid_size
         control = np.random.default_rng(seed).uniform(-1.0, 1.0, (1, 2, grid_size, grid_size))
         field = F.interpolate(
@@ -273,17 +287,13 @@ class WaNet(Trigger):
         return _to_uint8(out[0].permute(1, 2, 0).numpy())
 
 
-#: attack name -> trigger class. ``label_consistent`` stamps the BadNets patch (caption unchanged).
-ATTACKS: dict[str, type[Trigger]] = {
-    "badnets": BadNets,
-    "blended": Blended,
-    "sig": SIG,
-    "wanet": WaNet,
-    "label_consistent": BadNets,
-}
 #: the attack without a trigger: one outside image paired with captions of the target class.
 TARGETED = "targeted"
-ATTACK_NAMES: tuple[str, ...] = (*ATTACKS, TARGETED)
+
+
+def attack_names() -> list[str]:
+    """Every valid ``--attack``: the registered trigger attacks (plugins included), then ``targeted``."""
+    return [*ATTACKS.names(), TARGETED]
 
 
 def trigger_params(name: str) -> list[str]:
@@ -291,10 +301,10 @@ def trigger_params(name: str) -> list[str]:
     if name == TARGETED:
         return ["targeted_image"]
     if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(ATTACK_NAMES)}")
+        raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(attack_names())}")
     return [
         p
-        for p in inspect.signature(ATTACKS[name].__init__).parameters
+        for p in inspect.signature(ATTACKS.get(name).__init__).parameters
         if p not in ("self", "image_size", "seed")
     ]
 
@@ -302,21 +312,19 @@ def trigger_params(name: str) -> list[str]:
 def build_trigger(name: str, image_size: int, seed: int = 0, **params: Any) -> Trigger:
     """The trigger of attack ``name`` for images of ``image_size × image_size`` pixels."""
     if name == TARGETED:
-        raise ValueError(
+        raise ConfigError(
             "the targeted attack has no trigger: evaluate it on the manifest's target image "
             "(manifest.target_image), resized with resize_to_model"
         )
     allowed = trigger_params(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(f"attack {name!r} has no parameter(s) {unknown}; it accepts {allowed}")
-    return ATTACKS[name](image_size, seed, **params)
+        raise ConfigError(f"attack {name!r} has no parameter(s) {unknown}; it accepts {allowed}")
+    return ATTACKS.get(name)(image_size, seed, **params)
 
 
-def trigger_from_manifest(manifest: Any) -> Trigger:
+def trigger_from_manifest(manifest: Manifest | str | os.PathLike) -> Trigger:
     """The exact trigger a poisoned dataset was built with (a Manifest, or the path of one)."""
     if isinstance(manifest, str | os.PathLike):
-        from safe_train.manifest import Manifest
-
         manifest = Manifest.load(manifest)
     return build_trigger(manifest.attack, manifest.image_size, manifest.seed, **manifest.params)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
-from safe_train.defenses import register_defense
 from safe_train.interface import Defense
+from safe_train.registry import DEFENSES
 
 
-@register_defense
+@DEFENSES.register
 class NoDefense(Defense):
     """Every hook keeps OpenCLIP's behaviour: same data order, forward, loss and schedule."""
 
     name = "none"
-
-    def __init__(self, args: argparse.Namespace | None = None) -> None:
-        self.args = args

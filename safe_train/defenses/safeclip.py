@@ -35,20 +35,29 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from safe_train.defenses import register_defense
+from safe_train import dist
+from safe_train import openclip as oc
+from safe_train.augment import EdaAugmenter, simclr_view
+from safe_train.errors import ConfigError
+from safe_train.flags import FlagConfig, option
 from safe_train.interface import Defense, Selection, StepOutput, TrainContext, TrainPass
-from safe_train.losses import GatherSpec, clip_loss, contrastive_ce
+from safe_train.losses import SINGLE_PROCESS, FeatureBank, GatherSpec, clip_loss, contrastive_ce
+from safe_train.manifest import Manifest
+from safe_train.registry import DEFENSES
+from safe_train.wordnet import ensure_wordnet
 
 SIMILARITY_MODES = ("pass", "inloop")
 SAFE_INPUTS = ("views", "raw")
@@ -74,8 +83,6 @@ class SafeClipTransform:
     def __init__(self, preprocess: Callable, tokenizer: Callable, image_size: int, eda_alpha: float, seed: int,
                  crop_min_scale: float = 0.08, outputs: tuple[str, ...] = OUTPUTS,
                  raw_preprocess: Callable | None = None) -> None:
-        from safe_train.augment import EdaAugmenter, simclr_view
-
         self.outputs = self._checked(outputs)
         self.raw_preprocess = raw_preprocess or preprocess
         self.preprocess = preprocess
@@ -162,102 +169,59 @@ def choose_safe(posterior: np.ndarray, ratio: float | None, threshold: float) ->
     return safe
 
 
-class _FeatureBank:
-    """FIFO bank of past (gathered) view-1 embeddings, for nearest-neighbour positives (NNCLR)."""
-
-    def __init__(self, size: int, dim: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.features = F.normalize(torch.randn(size, dim, generator=generator), dim=-1)
-        self.pointer = 0
-
-    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
-        """Each query's cosine nearest neighbour in the bank (detached)."""
-        bank = self.features.to(device=queries.device, dtype=queries.dtype)
-        index = (F.normalize(queries.detach(), dim=-1) @ bank.T).argmax(dim=1)
-        return bank[index]
-
-    def enqueue(self, features: torch.Tensor) -> None:
-        features = features.detach().float().cpu()
-        size = len(self.features)
-        if len(features) >= size:
-            self.features = features[-size:].clone()
-            self.pointer = 0
-            return
-        end = self.pointer + len(features)
-        if end <= size:
-            self.features[self.pointer:end] = features
-        else:
-            split = size - self.pointer
-            self.features[self.pointer:] = features[:split]
-            self.features[:end - size] = features[split:]
-        self.pointer = end % size
+def unimodal_loss(image1: torch.Tensor, image2: torch.Tensor, text1: torch.Tensor, text2: torch.Tensor,
+                  logit_scale: torch.Tensor, gather: GatherSpec = SINGLE_PROCESS, image_bank: FeatureBank | None = None,
+                  text_bank: FeatureBank | None = None) -> torch.Tensor:
+    """``L_uni = (CE(s·I2·A1ᵀ) + CE(s·T2·B1ᵀ)) / 2``: A1, B1 are view 1 or its nearest neighbour in a bank."""
+    image_keys = image_bank.nearest(image1) if image_bank is not None else image1
+    text_keys = text_bank.nearest(text1) if text_bank is not None else text1
+    return (contrastive_ce(image2, image_keys, logit_scale, gather)
+            + contrastive_ce(text2, text_keys, logit_scale, gather)) / 2
 
 
-@register_defense
-class SafeClip(Defense):
-    """SafeCLIP: unimodal warmup, multimodal warmup, then a per-epoch safe/risky split by similarity."""
+def multimodal_loss(image1: torch.Tensor, image2: torch.Tensor, text1: torch.Tensor, text2: torch.Tensor,
+                    logit_scale: torch.Tensor, gather: GatherSpec = SINGLE_PROCESS) -> torch.Tensor:
+    """``L_mm = (L_CLIP(I1, T2) + L_CLIP(I2, T1)) / 2``, the multimodal warmup on views."""
+    return (clip_loss(image1, text2, logit_scale, gather) + clip_loss(image2, text1, logit_scale, gather)) / 2
 
-    name = "safeclip"
-    needs_sample_tracking = True
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("SafeCLIP (--defense safeclip)")
-        group.add_argument("--safeclip-unimodal-warmup-epochs", type=int, default=5, metavar="N",
-                           help="Epochs of unimodal (image-image, text-text) training on all data (default 5).")
-        group.add_argument("--safeclip-multimodal-warmup-epochs", type=int, default=1, metavar="N",
-                           help="Epochs of CLIP loss on all data at --safeclip-multimodal-lr (default 1).")
-        group.add_argument("--safeclip-multimodal-lr", type=float, default=5e-6,
-                           help="Constant learning rate of the multimodal warmup (default 5e-6).")
-        group.add_argument("--safeclip-threshold", type=float, default=0.9,
-                           help="First split: safe = posterior of the high-similarity component >= this (0.9).")
-        group.add_argument("--safeclip-ratio-step", type=float, default=0.01,
-                           help="Safe-set ratio added every later epoch (default 0.01).")
-        group.add_argument("--safeclip-max-ratio", type=float, default=0.85,
-                           help="Upper bound of the safe-set ratio (default 0.85).")
-        group.add_argument("--safeclip-similarity", choices=SIMILARITY_MODES, default="pass",
-                           help="pass: an inference pass over all samples before each split (the original); "
-                                "inloop: the similarity each sample's last training step computed (no extra pass).")
-        group.add_argument("--safeclip-safe-input", choices=SAFE_INPUTS, default="views",
-                           help="What the CLIP side works on: views (the original: the multimodal warmup and the safe "
-                                "pass train SimCLR views with EDA captions, the similarity pass measures view 1 with "
-                                "caption 1) or raw (all three use the pair itself, as --defense none; the unimodal "
-                                "losses keep the views; not in the original).")
-        group.add_argument("--safeclip-memory-bank", type=int, default=0, metavar="SIZE",
-                           help="Nearest-neighbour memory bank size for the unimodal loss (0 = plain views; the "
-                                "original recommends it, 256 in its code).")
-        group.add_argument("--safeclip-crop-min-scale", type=float, default=0.08,
-                           help="Smallest area share of the views' random resized crop (torchvision's default 0.08; "
-                                "small images such as 32x32 digits need more to stay recognisable).")
-        group.add_argument("--safeclip-eda-alpha", type=float, default=0.1,
-                           help="EDA strength: words changed per operation = max(1, floor(alpha * words)).")
-        group.add_argument("--safeclip-gmm-fit-samples", type=int, default=1_000_000, metavar="N",
-                           help="Fit the mixture on at most N (seeded random) samples; posteriors are computed "
-                                "for all.")
-        group.add_argument("--safeclip-manifest", default=None, metavar="manifest.json",
-                           help="Poison manifest: log how many poisoned samples land in the safe set "
-                                "(default: --eval-manifest).")
+@dataclass
+class SafeClipConfig(FlagConfig):
+    """SafeCLIP's settings; the defaults are the original's."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        from safe_train.args import ConfigError
+    prefix: ClassVar[str] = "safeclip"
+    group: ClassVar[str] = "SafeCLIP (--defense safeclip)"
 
-        self.unimodal_epochs = args.safeclip_unimodal_warmup_epochs
-        self.multimodal_epochs = args.safeclip_multimodal_warmup_epochs
-        self.multimodal_lr = args.safeclip_multimodal_lr
-        self.threshold = args.safeclip_threshold
-        self.ratio_step = args.safeclip_ratio_step
-        self.max_ratio = args.safeclip_max_ratio
-        self.similarity_mode = args.safeclip_similarity
-        self.safe_input = args.safeclip_safe_input
-        self.bank_size = args.safeclip_memory_bank
-        self.eda_alpha = args.safeclip_eda_alpha
-        self.crop_min_scale = args.safeclip_crop_min_scale
-        self.gmm_fit_samples = args.safeclip_gmm_fit_samples
-        manifest = args.safeclip_manifest or getattr(args, "eval_manifest", None)
+    unimodal_warmup_epochs: int = option(5, "Epochs of unimodal (image-image, text-text) training on all data.",
+                                         metavar="N")
+    multimodal_warmup_epochs: int = option(1, "Epochs of CLIP loss on all data at --safeclip-multimodal-lr.",
+                                           metavar="N")
+    multimodal_lr: float = option(5e-6, "Constant learning rate of the multimodal warmup.")
+    threshold: float = option(0.9, "First split: safe = posterior of the high-similarity component >= this.")
+    ratio_step: float = option(0.01, "Safe-set ratio added every later epoch.")
+    max_ratio: float = option(0.85, "Upper bound of the safe-set ratio.")
+    similarity: str = option("pass", "pass: an inference pass over all samples before each split (the original); "
+                             "inloop: the similarity each sample's last training step computed (no extra pass).",
+                             choices=SIMILARITY_MODES)
+    safe_input: str = option("views", "What the CLIP side works on: views (the original: the multimodal warmup and "
+                             "the safe pass train SimCLR views with EDA captions, the similarity pass measures view 1 "
+                             "with caption 1) or raw (all three use the pair itself, as --defense none; the unimodal "
+                             "losses keep the views; not in the original).", choices=SAFE_INPUTS)
+    memory_bank: int = option(0, "Nearest-neighbour memory bank size for the unimodal loss (0 = plain views; the "
+                              "original recommends it, 256 in its code).", metavar="SIZE")
+    crop_min_scale: float = option(0.08, "Smallest area share of the views' random resized crop (torchvision's "
+                                   "default; small images such as 32x32 digits need more to stay recognisable).")
+    eda_alpha: float = option(0.1, "EDA strength: words changed per operation = max(1, floor(alpha * words)).")
+    gmm_fit_samples: int = option(1_000_000, "Fit the mixture on at most N (seeded random) samples; posteriors are "
+                                  "computed for all.", metavar="N")
+    manifest: str | None = option(None, "Poison manifest: log how many poisoned samples land in the safe set "
+                                  "(default: --eval-manifest).", type=str, metavar="manifest.json")
+
+    def validate(self) -> None:
         problems = []
-        if self.unimodal_epochs < 0 or self.multimodal_epochs < 0:
+        if self.unimodal_warmup_epochs < 0 or self.multimodal_warmup_epochs < 0:
             problems.append("warmup epochs must be >= 0")
-        if self.unimodal_epochs + self.multimodal_epochs < 1:
+        if self.unimodal_warmup_epochs + self.multimodal_warmup_epochs < 1:
             problems.append("SafeCLIP needs at least one warmup epoch (the first split needs a model that has "
                             "seen the data)")
         if not 0.0 < self.threshold < 1.0:
@@ -266,30 +230,59 @@ class SafeClip(Defense):
             problems.append("--safeclip-max-ratio must be in (0, 1] and --safeclip-ratio-step >= 0")
         if not 0.0 < self.crop_min_scale <= 1.0:
             problems.append("--safeclip-crop-min-scale must be in (0, 1]")
-        if self.bank_size < 0 or self.gmm_fit_samples < 2:
+        if self.memory_bank < 0 or self.gmm_fit_samples < 2:
             problems.append("--safeclip-memory-bank must be >= 0 and --safeclip-gmm-fit-samples >= 2")
+        if self.similarity not in SIMILARITY_MODES or self.safe_input not in SAFE_INPUTS:
+            problems.append(f"--safeclip-similarity must be one of {SIMILARITY_MODES} and --safeclip-safe-input "
+                            f"one of {SAFE_INPUTS}")
         if problems:
             raise ConfigError("; ".join(problems))
-        self.poisoned_ids: np.ndarray | None = None
-        if manifest:
-            from safe_train.manifest import Manifest
 
-            self.poisoned_ids = np.asarray(Manifest.load(manifest).poisoned_ids, dtype=np.int64)
+
+@DEFENSES.register
+class SafeClip(Defense):
+    """SafeCLIP: unimodal warmup, multimodal warmup, then a per-epoch safe/risky split by similarity."""
+
+    name = "safeclip"
+    needs_sample_tracking = True
+    Config = SafeClipConfig
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SafeClip:
+        config = SafeClipConfig.from_args(args)
+        if config.manifest is None and getattr(args, "eval_manifest", None):
+            config = dataclasses.replace(config, manifest=args.eval_manifest)
+        return cls(config)
+
+    def __init__(self, config: SafeClipConfig | None = None) -> None:
+        config = config or SafeClipConfig()
+        self.config = config
+        self.unimodal_epochs = config.unimodal_warmup_epochs
+        self.multimodal_epochs = config.multimodal_warmup_epochs
+        self.multimodal_lr = config.multimodal_lr
+        self.threshold = config.threshold
+        self.ratio_step = config.ratio_step
+        self.max_ratio = config.max_ratio
+        self.similarity_mode = config.similarity
+        self.safe_input = config.safe_input
+        self.bank_size = config.memory_bank
+        self.eda_alpha = config.eda_alpha
+        self.crop_min_scale = config.crop_min_scale
+        self.gmm_fit_samples = config.gmm_fit_samples
+        self.poisoned_ids: np.ndarray | None = None
+        if config.manifest:
+            self.poisoned_ids = np.asarray(Manifest.load(config.manifest).poisoned_ids, dtype=np.int64)
         self.ratio: float | None = None  # the current safe ratio; None until the first split
-        self.banks: dict[str, _FeatureBank] = {}
+        self.banks: dict[str, FeatureBank] = {}
         self._seed = 0
         self._gather = GatherSpec()
         self._transform: SafeClipTransform | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
-        from safe_train.augment import ensure_wordnet
-
         ensure_wordnet()
         args = ctx.args
         if getattr(args, "distill", False) or getattr(args, "siglip", False) or "coca" in str(args.model).lower():
-            from safe_train.args import ConfigError
-
             raise ConfigError("--defense safeclip trains a CLIP contrastive loss: --distill, --siglip and CoCa "
                               "losses are not supported with it")
         ctx.table.add_column("similarity", np.float32, np.nan)
@@ -318,7 +311,7 @@ class SafeClip(Defense):
     def on_train_start(self, ctx: TrainContext) -> None:
         if self.bank_size and not self.banks:
             dim = _embed_dim(ctx.model)
-            self.banks = {key: _FeatureBank(self.bank_size, dim, seed=self._seed * 2 + i)
+            self.banks = {key: FeatureBank(self.bank_size, dim, seed=self._seed * 2 + i)
                           for i, key in enumerate(("image", "text"))}
 
     # ---- the plan -----------------------------------------------------------------------------
@@ -383,28 +376,21 @@ class SafeClip(Defense):
     def compute_loss(self, ctx: TrainContext, features: dict[str, torch.Tensor], pass_: TrainPass,
                      base_loss: Callable[..., dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         scale = features["logit_scale"]
-        if pass_.mode == "clip":
-            return {"clip_loss": _single(base_loss(image_features=features["image_features"],
-                                                   text_features=features["text_features"], logit_scale=scale,
-                                                   output_dict=True))}
         image1, text2 = features["image_features"], features["text_features"]
+        if pass_.mode == "clip":  # the safe pass: one pair (view 1 with caption 2, or the raw pair)
+            return {"clip_loss": clip_loss(image1, text2, scale, self._gather)}
         if pass_.mode == "multimodal" and self.safe_input == "raw":  # the raw pair: image1, text2 are I, T
             return {"multimodal_loss": clip_loss(image1, text2, scale, self._gather)}
         image2, text1 = features["image_view2_features"], features["text_view1_features"]
         if pass_.mode == "multimodal":
-            return {"multimodal_loss": (clip_loss(image1, text2, scale, self._gather)
-                                        + clip_loss(image2, text1, scale, self._gather)) / 2}
-        image_keys = self.banks["image"].nearest(image1) if self.banks else image1
-        text_keys = self.banks["text"].nearest(text1) if self.banks else text1
-        return {"unimodal_loss": (contrastive_ce(image2, image_keys, scale, self._gather)
-                                  + contrastive_ce(text2, text_keys, scale, self._gather)) / 2}
+            return {"multimodal_loss": multimodal_loss(image1, image2, text1, text2, scale, self._gather)}
+        return {"unimodal_loss": unimodal_loss(image1, image2, text1, text2, scale, self._gather,
+                                               self.banks.get("image"), self.banks.get("text"))}
 
     # ---- per-step and per-epoch bookkeeping ----------------------------------------------------
     def on_step_end(self, ctx: TrainContext, step: StepOutput) -> None:
         features = step.features
         if self.banks and step.pass_.mode == "unimodal":
-            from safe_train import dist
-
             for key, name in (("image", "image_features"), ("text", "text_view1_features")):
                 gathered = dist.all_gather_tensor(features[name].float()) if ctx.distributed else features[name]
                 self.banks[key].enqueue(gathered)
@@ -489,15 +475,8 @@ class SafeClip(Defense):
         self.ratio = state.get("ratio")
         for key in ("image", "text"):
             if f"bank_{key}" in state:
-                features = state[f"bank_{key}"]
-                bank = _FeatureBank(len(features), features.shape[1], seed=0)
-                bank.features = features.clone().float()
-                bank.pointer = int(state[f"bank_{key}_pointer"])
-                self.banks[key] = bank
-
-
-def _single(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(losses.values())
+                self.banks[key] = FeatureBank.from_state({"features": state[f"bank_{key}"],
+                                                          "pointer": state[f"bank_{key}_pointer"]})
 
 
 def _image_size(preprocess: Any) -> int:
@@ -510,8 +489,6 @@ def _image_size(preprocess: Any) -> int:
 
 
 def _embed_dim(model: torch.nn.Module) -> int:
-    from safe_train import openclip_compat as oc
-
     unwrapped = oc.unwrap_model(model)
     projection = getattr(unwrapped, "text_projection", None)
     if isinstance(projection, torch.Tensor):

@@ -26,17 +26,24 @@ diverging step: the whole batch with the batch reference) stay unscored and are 
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from safe_train import dist
+from safe_train.detection.knn import faiss_available
 from safe_train.detection.scores import batch_scores, global_scores, parse_detectors
+from safe_train.errors import ConfigError
+from safe_train.evaluate import detection_metrics
+from safe_train.flags import FlagConfig, check, option
 from safe_train.interface import Callback, StepOutput, TrainContext
+from safe_train.manifest import Manifest
+from safe_train.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
 
@@ -50,34 +57,98 @@ def gather_rows(x: torch.Tensor) -> tuple[np.ndarray, list[int]]:
     return np.concatenate(parts).reshape(-1, width), [len(p) // width for p in parts]
 
 
+@dataclass
+class DetectionConfig(FlagConfig):
+    """The in-loop detector's settings (docs/detection.md); every bad combination is one ConfigError."""
+
+    prefix: ClassVar[str] = "detect"
+    group: ClassVar[str] = "safe-train in-loop detection"
+
+    names: str | None = option(None, "Score every training sample with these detectors, comma-separated (see "
+                               "`safe-train detect --help` for the registered names); from the training step's "
+                               "embeddings, no extra forward pass.", flag="--detect", type=str, metavar="NAMES")
+    reference: str = option("batch", "batch: against the gathered global batch's images and captions (the paper's "
+                            "setting); global: at the epoch end, against the epoch's embeddings or a random reference "
+                            "sample (--detect-reference-size).", choices=("batch", "global"))
+    k: int | None = option(None, "Neighbourhood size for every detector (default: each detector's own, kdist/slof/dao "
+                           "16, lid 64).", type=int, metavar="K")
+    metric: str = option("l2", "Distance between (L2-normalised, as OpenCLIP's forward returns them) embeddings.",
+                         choices=("l2", "cosine"))
+    backend: str = option("torch", "kNN backend.", choices=("torch", "faiss"))
+    action: str = option("log", "log: record scores only; drop: exclude the top --detect-drop-fraction from later "
+                         "epochs.", choices=("log", "drop"))
+    drop_fraction: float | None = option(None, "With --detect-action drop: the fraction of the scored samples to drop "
+                                         "(0 < F < 1).", type=float, metavar="F")
+    drop_epoch: int = option(1, "Drop once, after the first detection epoch >= E (0-based; 1: the model of epoch 0 has "
+                             "barely learnt anything).", metavar="E")
+    every: int = option(1, "Detect in every N-th epoch (epochs N-1, 2N-1, ...).", metavar="N")
+    manifest: str | None = option(None, "Poison manifest: log AUROC / PR-AUC / FPR@95 of every detector per epoch.",
+                                  type=str, metavar="manifest.json")
+    reference_size: int | None = option(None, "Global reference: a random sample of M pairs (default: the whole "
+                                        "epoch). Keep M x poison rate below k, or poisons become each other's "
+                                        "neighbours.", type=int, metavar="M")
+
+    @property
+    def enabled(self) -> bool:
+        return self.names is not None
+
+    @property
+    def detectors(self) -> list[str]:
+        return parse_detectors(self.names) if self.names else []
+
+    def validate(self) -> None:
+        if self.names is None:
+            changed = [flag for flag in self.non_default() if flag not in ("--detect-metric", "--detect-backend",
+                                                                           "--detect-drop-epoch", "--detect-every")]
+            check(not changed, f"{', '.join(changed)} need --detect NAMES (e.g. --detect kdist)")
+            return
+        try:
+            parse_detectors(self.names)
+        except ValueError as e:
+            raise ConfigError(f"--detect: {e}") from None
+        check(self.k is None or self.k >= 1, f"--detect-k must be >= 1, got {self.k}")
+        check(self.every >= 1, f"--detect-every must be >= 1, got {self.every}")
+        if self.action == "drop":
+            fraction = self.drop_fraction
+            check(fraction is not None and 0 < fraction < 1,
+                  f"--detect-action drop needs --detect-drop-fraction F with 0 < F < 1, got {fraction}")
+        else:
+            check(self.drop_fraction is None, "--detect-drop-fraction needs --detect-action drop")
+        if self.reference_size is not None:
+            check(self.reference == "global", "--detect-reference-size needs --detect-reference global")
+            check(self.reference_size >= 2, f"--detect-reference-size must be >= 2, got {self.reference_size}")
+        check(self.backend != "faiss" or faiss_available(), "--detect-backend faiss needs faiss (pip install faiss-cpu)")
+        check(not self.manifest or os.path.exists(self.manifest), f"--detect-manifest: {self.manifest} not found")
+
+
+@CALLBACKS.register
 class DetectionCallback(Callback):
     """Scores every training sample with local outlier detectors; logs them or drops the most suspicious."""
 
     name = "detect"
+    Config = DetectionConfig
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.detectors = parse_detectors(args.detect)
-        self.reference = args.detect_reference
-        self.k = args.detect_k
-        self.metric = args.detect_metric
-        self.backend = args.detect_backend
-        self.action = args.detect_action
-        self.drop_fraction = args.detect_drop_fraction
-        self.drop_epoch = args.detect_drop_epoch
-        self.every = max(1, args.detect_every)
-        self.reference_size = args.detect_reference_size
-        self.seed = int(getattr(args, "seed", 0) or 0)
-        self.manifest = None
-        if args.detect_manifest:
-            from safe_train.manifest import Manifest
-
-            self.manifest = Manifest.load(args.detect_manifest)
+    def __init__(self, config: DetectionConfig) -> None:
+        self.config = config
+        self.detectors = config.detectors
+        self.reference = config.reference
+        self.k = config.k
+        self.metric = config.metric
+        self.backend = config.backend
+        self.action = config.action
+        self.drop_fraction = config.drop_fraction
+        self.drop_epoch = config.drop_epoch
+        self.every = config.every
+        self.reference_size = config.reference_size
+        self.seed = 0
+        self.manifest = Manifest.load(config.manifest) if config.manifest else None
         self.drop_done = False
         self._epoch_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.skipped_non_finite = 0  # samples of this epoch left unscored: their embeddings were NaN/inf
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
+        self.seed = int(getattr(ctx.args, "seed", 0) or 0)
         for name in self.detectors:
             ctx.table.add_column(f"score_{name}", np.float32, np.nan)
         ctx.table.add_column("score_epoch", np.int32, -1)
@@ -224,8 +295,6 @@ class DetectionCallback(Callback):
 # ---- outputs shared with the standalone command ---------------------------------------------------
 def score_metrics(scores: dict[str, np.ndarray], is_poisoned: np.ndarray) -> dict[str, dict[str, float]]:
     """AUROC / PR-AUC / FPR@95 per detector (empty when only one class is present)."""
-    from safe_train.evaluate import detection_metrics
-
     is_poisoned = np.asarray(is_poisoned, dtype=bool)
     if is_poisoned.all() or not is_poisoned.any():
         return {}

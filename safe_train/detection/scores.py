@@ -34,10 +34,15 @@ Reference sets:
 
 Distances: distances below ``EPS`` are treated as ``EPS`` in ratios and logarithms, so exact
 duplicates give large finite scores instead of NaN/inf.
+
+Each detector is a class registered in :data:`safe_train.registry.DETECTORS`
+(:mod:`safe_train.detection.detectors` holds the built-in ones and ``EPS``); a registered plugin detector
+works in every function here by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,41 +50,36 @@ from typing import Any
 import numpy as np
 import torch
 
+from safe_train.detection.detectors import Detector, ScoreInputs, cosine_distance
 from safe_train.detection.knn import knn
+from safe_train.errors import ConfigError, DetectError
+from safe_train.registry import DETECTORS
 
-DETECTORS = ("kdist", "slof", "lid", "dao", "iforest", "clip")
-DISTANCE_DETECTORS = ("kdist", "slof", "lid", "dao")
-DEFAULT_K = {"kdist": 16, "slof": 16, "dao": 16, "lid": 64}
-EPS = 1e-12
-IFOREST_TREES = 100
+_FALLBACK_K = 16
+"""What ``detector_k`` returns for a detector without a neighbourhood (``default_k=None``), as before."""
 
 Array = np.ndarray | torch.Tensor
 
 
 def parse_detectors(spec: str | Sequence[str]) -> list[str]:
-    """``"kdist,slof"`` → ``["kdist", "slof"]``; a clear ValueError for unknown names."""
+    """``"kdist,slof"`` → ``["kdist", "slof"]`` (order kept, duplicates dropped); a ConfigError for unknown names."""
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     unknown = [n for n in names if n not in DETECTORS]
     if unknown or not names:
-        raise ValueError(f"unknown detector(s) {unknown or spec!r}; choose from {', '.join(DETECTORS)}")
+        raise ConfigError(f"unknown detector(s) {unknown or spec!r}; choose from {', '.join(DETECTORS.names())}")
     return list(dict.fromkeys(names))
 
 
 def detector_k(name: str, k: int | None) -> int:
-    """The neighbourhood size of a detector: ``k`` if given, else the paper's default."""
-    return int(k) if k is not None else DEFAULT_K.get(name, 16)
+    """The neighbourhood size of a detector: ``k`` if given, else its ``default_k`` (the paper's)."""
+    if k is not None:
+        return int(k)
+    default = DETECTORS.get(name).default_k
+    return _FALLBACK_K if default is None else int(default)
 
 
 def _np(x: Array) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
-
-
-def _lid(dist: np.ndarray) -> np.ndarray:
-    """LID MLE from each row's k ascending distances."""
-    d = np.maximum(dist.astype(np.float64), EPS)
-    k = d.shape[1]
-    total = np.log(d / d[:, -1:]).sum(axis=1)
-    return -k / np.minimum(total, -EPS)
 
 
 def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, query_exclude: Array | None = None,
@@ -90,61 +90,36 @@ def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, qu
     ``query_exclude`` / ``reference_exclude``: ``[n, e]`` / ``[m, e]`` reference indices inadmissible for
     each query / reference point (``-1`` = none; a reference point's own index is always excluded).
     ``query_text``: the queries' own captions (for ``clip``). ``k`` overrides every detector's default
-    and is clamped to the number of admissible reference points.
+    and is clamped to the number of admissible reference points. The kNN is computed once, for the
+    largest k the detectors need; each registered :class:`Detector` scores from it.
     """
-    detectors = parse_detectors(detectors)
+    names = parse_detectors(detectors)
+    chosen: dict[str, Detector] = {name: DETECTORS.get(name)() for name in names}
     q, r = _np(query), _np(reference)
     n, m = q.shape[0], r.shape[0]
-    out: dict[str, np.ndarray] = {}
-    distance_dets = [d for d in detectors if d in DISTANCE_DETECTORS]
-    if distance_dets:
+    inputs = ScoreInputs(q, r, None if query_text is None else _np(query_text), seed)
+    ks: dict[str, int] = {}
+    local = [name for name, det in chosen.items() if det.default_k is not None]
+    if local:
         n_ex_q = 0 if query_exclude is None else int(np.asarray(query_exclude).reshape(n, -1).shape[1])
         n_ex_r = 1 + (0 if reference_exclude is None else int(np.asarray(reference_exclude).reshape(m, -1).shape[1]))
         admissible = m - max(n_ex_q, n_ex_r)
         if admissible < 1:
-            raise ValueError(f"a reference set of {m} points leaves no admissible neighbour")
-        ks = {d: min(detector_k(d, k), admissible) for d in distance_dets}
-        k_max = max(ks.values())
-        q_dist, q_idx = knn(q, r, k_max, metric=metric, exclude=query_exclude, seed=seed, **knn_kwargs)
-        q_dist, q_idx = q_dist.numpy().astype(np.float64), q_idx.numpy()
-        r_dist = None
-        if any(d in ("slof", "dao") for d in distance_dets):
-            k_ref = max(ks[d] for d in distance_dets if d in ("slof", "dao"))
-            r_dist, _ = knn(r, r, k_ref, metric=metric, exclude=reference_exclude, exclude_self=True, seed=seed,
-                            **knn_kwargs)
-            r_dist = r_dist.numpy().astype(np.float64)
-        for name in distance_dets:
-            kk = ks[name]
-            if name == "kdist":
-                out[name] = q_dist[:, kk - 1]
-            elif name == "lid":
-                out[name] = _lid(q_dist[:, :kk])
-            else:
-                neighbours = q_idx[:, :kk]
-                own_kdist = np.maximum(q_dist[:, kk - 1], EPS)[:, None]
-                ref_kdist = np.maximum(r_dist[:, kk - 1], EPS)[neighbours]
-                if name == "slof":
-                    out[name] = (own_kdist / ref_kdist).mean(axis=1)
-                else:
-                    ref_lid = _lid(r_dist[:, :kk])[neighbours]
-                    out[name] = (ref_lid * np.log(own_kdist / ref_kdist)).mean(axis=1)
-    if "iforest" in detectors:
-        from sklearn.ensemble import IsolationForest
-
-        forest = IsolationForest(n_estimators=IFOREST_TREES, random_state=seed).fit(r)
-        out["iforest"] = -forest.score_samples(q).astype(np.float64)
-    if "clip" in detectors:
-        if query_text is None:
-            raise ValueError("the clip score needs the queries' captions (query_text)")
-        out["clip"] = clip_score(q, _np(query_text))
-    return {name: out[name] for name in detectors}
+            raise DetectError(f"a reference set of {m} points leaves no admissible neighbour")
+        ks = {name: min(detector_k(name, k), admissible) for name in local}
+        q_dist, q_idx = knn(q, r, max(ks.values()), metric=metric, exclude=query_exclude, seed=seed, **knn_kwargs)
+        inputs = dataclasses.replace(inputs, query_dist=q_dist.numpy().astype(np.float64), query_idx=q_idx.numpy())
+        with_reference = [name for name in local if chosen[name].needs_reference_knn]
+        if with_reference:
+            r_dist, _ = knn(r, r, max(ks[name] for name in with_reference), metric=metric,
+                            exclude=reference_exclude, exclude_self=True, seed=seed, **knn_kwargs)
+            inputs = dataclasses.replace(inputs, reference_dist=r_dist.numpy().astype(np.float64))
+    return {name: det.score(dataclasses.replace(inputs, k=ks.get(name))) for name, det in chosen.items()}
 
 
 def clip_score(image: Array, text: Array) -> np.ndarray:
-    """``1 - cos(image_i, text_i)`` per pair."""
-    a, b = _np(image).astype(np.float64), _np(text).astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), EPS)
-    return 1.0 - cos
+    """``1 - cos(image_i, text_i)`` per pair (the ``clip`` detector)."""
+    return cosine_distance(_np(image), _np(text))
 
 
 def _pair_exclusions(m: int, with_text: bool) -> np.ndarray | None:
