@@ -41,6 +41,14 @@ def build_engine(argv: list[str]) -> tuple[Engine, list[str]]:
     return engine, upstream_argv
 
 
+def _log_to_files(message: str) -> None:
+    """Write ``message`` to the run's log files only (OpenCLIP's root logger also streams to stderr)."""
+    record = logging.LogRecord("safe_train", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def exit_status(run: Callable[[], Any]) -> int:
     """The process exit status of a training run: 0; 1 for OpenCLIP's ``-1`` error return (which its own
     ``__main__`` ignores); 2 with one line on stderr for bad input (:class:`SafeTrainError`). The process
@@ -48,7 +56,7 @@ def exit_status(run: Callable[[], Any]) -> int:
     try:
         result = run()
     except SafeTrainError as e:
-        logging.getLogger("safe_train").error(str(e))
+        _log_to_files(f"safe-train: error: {e}")  # the run's out.log keeps it; stderr gets it once, below
         return report(e)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -74,6 +74,11 @@ def test_missing_csv_column_is_one_clear_error(csv_64, tmp_path):
     proc = _run(flags)
     assert proc.returncode == 2
     assert "column(s) ['caption'] not found" in proc.stderr and "--csv-caption-key" in proc.stderr
+    # one line on stderr (OpenCLIP's logging streams there too), and the run's out.log keeps it
+    assert [ln for ln in proc.stderr.splitlines() if "not found" in ln] == [
+        ln for ln in proc.stderr.splitlines() if ln.startswith("safe-train: error: ")]
+    assert len([ln for ln in proc.stderr.splitlines() if "not found" in ln]) == 1 and "Traceback" not in proc.stderr
+    assert "safe-train: error: " in (tmp_path / "col" / "out.log").read_text()
 
 
 def test_corrupt_images_and_empty_captions_are_skipped_and_counted(csv_64, tmp_path):
