@@ -50,6 +50,8 @@ __all__ = [
     "detection_metrics",
     "evaluate_checkpoint",
     "evaluate_model",
+    "evaluate_retrieval",
+    "evaluate_targeted",
     "input_dtype",
     "load_model",
     "load_scores",
@@ -58,6 +60,7 @@ __all__ = [
     "precision_context",
     "predict",
     "resolve_target",
+    "retrieval_recall_at_k",
     "targeted_success",
     "topk_accuracy",
 ]
@@ -410,6 +413,57 @@ def targeted_success(top1_preds: torch.Tensor, target_indices: torch.Tensor | Se
     return (top1_preds == target_indices).sum().item() / len(target_indices)
 
 
+def _recall_at_k(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1024) -> float:
+    """Fraction of queries ``i`` whose own key ``i`` ranks among the first ``k`` keys (ties: lower index first)."""
+    n = len(queries)
+    index = torch.arange(n)
+    hits = 0
+    for start in range(0, n, chunk):  # chunks keep the similarity matrix at [chunk, n]
+        own = index[start : start + chunk]
+        sims = queries[own] @ keys.T
+        correct = sims[torch.arange(len(own)), own][:, None]
+        ahead = (sims > correct) | ((sims == correct) & (index[None, :] < own[:, None]))
+        hits += int((ahead.sum(dim=1) < k).sum())
+    return hits / n
+
+
+def retrieval_recall_at_k(
+    image_features: torch.Tensor | np.ndarray, text_features: torch.Tensor | np.ndarray, k: int = 1
+) -> dict[str, float | int]:
+    """Image→text and text→image recall@k of paired embeddings: pair ``i`` is image ``i`` with caption ``i``.
+
+    Features ``[N, D]`` need not be normalised (they are L2-normalised here, in float64); similarity is
+    the cosine. Image ``i`` scores a hit when caption ``i`` is among its ``k`` most similar captions, and
+    the other way round. Ties are broken deterministically by index: a candidate with exactly the same
+    similarity as the true partner ranks ahead of it when its index is lower, so a collapsed model (all
+    embeddings equal) scores ``k / N``, not 1. Returns ``image_to_text_r{k}``, ``text_to_image_r{k}``,
+    ``retrieval_r{k}`` (their mean, the benchmark's single retrieval figure) and ``n_pairs``.
+    """
+    images = torch.as_tensor(np.asarray(image_features) if not torch.is_tensor(image_features) else image_features)
+    texts = torch.as_tensor(np.asarray(text_features) if not torch.is_tensor(text_features) else text_features)
+    images, texts = images.detach().cpu().double(), texts.detach().cpu().double()
+    if images.ndim != 2 or images.shape != texts.shape:
+        raise ValueError(
+            f"image features {tuple(images.shape)} and text features {tuple(texts.shape)} must both be "
+            "[N, D] with the same N (pair i = image i with caption i) and D"
+        )
+    if len(images) == 0:
+        raise ValueError("no pairs")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not (torch.isfinite(images).all() and torch.isfinite(texts).all()):
+        raise ValueError("features contain NaN or infinity")
+    images = torch.nn.functional.normalize(images, dim=-1)
+    texts = torch.nn.functional.normalize(texts, dim=-1)
+    i2t, t2i = _recall_at_k(images, texts, k), _recall_at_k(texts, images, k)
+    return {
+        f"image_to_text_r{k}": i2t,
+        f"text_to_image_r{k}": t2i,
+        f"retrieval_r{k}": (i2t + t2i) / 2,
+        "n_pairs": len(images),
+    }
+
+
 def detection_metrics(scores: Sequence[float] | np.ndarray, is_poisoned: Sequence[bool] | np.ndarray) -> dict:
     """AUROC, PR-AUC (average precision) and FPR at 95% TPR; higher score = more suspicious,
     poisoned = positive class."""
@@ -542,6 +596,126 @@ def evaluate_model(
     # The same rate without the trigger: what the ASR is to be compared with (not zero for a weak model).
     result["asr_clean_baseline"] = attack_success_rate(preds[:, 0], labels, target_index)
     return result
+
+
+ImageLike = Image.Image | PathLike
+
+
+class _Images(Dataset):
+    """Given images (PIL images or paths) with given labels; items are ``(RGB PIL image, label)``."""
+
+    def __init__(self, images: Sequence[ImageLike], labels: Sequence[int]) -> None:
+        self.images, self.labels = list(images), [int(y) for y in labels]
+        missing = [p for p in self.images if not isinstance(p, Image.Image) and not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"image not found: {missing[0]}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        item = self.images[i]
+        if isinstance(item, Image.Image):
+            return item.convert("RGB"), self.labels[i]
+        with Image.open(item) as img:
+            return img.convert("RGB"), self.labels[i]
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    preprocess: Callable | None,
+    images: Sequence[ImageLike],
+    captions: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    *,
+    k: int = 1,
+    num_workers: int = 0,
+) -> dict[str, float | int]:
+    """Image→text and text→image recall@k of an OpenCLIP model on paired ``images`` and ``captions``.
+
+    Note the argument order (tokenizer before preprocess, unlike :func:`evaluate_model`). Each image (a
+    PIL image or a path) is converted to RGB, bilinearly resized to the model's input size and passed
+    through ``preprocess`` (the model's validation transform when None), exactly as :func:`predict`
+    does; captions go through ``tokenizer``. Both are embedded in eval mode (restored afterwards) under
+    ``precision``; the result is :func:`retrieval_recall_at_k` of the embeddings.
+    """
+    if len(images) != len(captions):
+        raise EvaluationError(f"{len(images)} images but {len(captions)} captions: give one caption per image")
+    if not images:
+        raise EvaluationError("retrieval needs at least one image-caption pair")
+    image_size = model_image_size(model)
+    preprocess = preprocess or _default_preprocess(model)
+    loader = DataLoader(
+        _Transformed(_Images(images, range(len(images))), lambda img: preprocess(resize_to_model(img, image_size))),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    dtype = input_dtype(precision)
+    image_features, text_features = [], []
+    with torch.inference_mode(), precision_context(precision, device), _eval_mode(model):
+        for batch, _ in loader:
+            features = model.encode_image(batch.to(device=device, dtype=dtype), normalize=True)
+            image_features.append(features.float().cpu())
+        for start in range(0, len(captions), batch_size):
+            tokens = tokenizer([str(c) for c in captions[start : start + batch_size]]).to(device)
+            text_features.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return retrieval_recall_at_k(torch.cat(image_features), torch.cat(text_features), k)
+
+
+def evaluate_targeted(
+    model: torch.nn.Module,
+    preprocess: Callable | None,
+    tokenizer: Callable | None,
+    images: Sequence[ImageLike],
+    target_indices: Sequence[int],
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    *,
+    classifier: torch.Tensor | None = None,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Targeted poisoning over several targets: image ``i`` (a PIL image or a path, e.g. each targeted
+    manifest's ``params.targeted_image``) succeeds when its zero-shot top-1 is ``target_indices[i]``.
+
+    Give the zero-shot ``classifier`` (from :func:`build_classifier`) or ``tokenizer`` + ``classnames`` +
+    ``templates`` to build it. ``image_size``: the resolution images are resized to before ``preprocess``
+    (default: the model's input size). Returns ``targeted_success`` (:func:`targeted_success`),
+    ``n_targets`` and per-target ``hits`` and ``top1`` (class indices), in the order given.
+    """
+    if len(images) != len(target_indices) or not images:
+        raise EvaluationError(
+            f"{len(images)} targeted images and {len(target_indices)} target classes: give one target class "
+            "per image (and at least one image)"
+        )
+    if classifier is None:
+        if tokenizer is None or classnames is None or templates is None:
+            raise EvaluationError("give a zero-shot classifier, or a tokenizer with class names and templates")
+        classifier = build_classifier(model, tokenizer, classnames, templates, device, precision)
+    top, _ = predict(
+        model,
+        _Images(images, target_indices),
+        classifier,
+        image_size or model_image_size(model),
+        preprocess=preprocess,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        k=1,
+    )
+    targets = torch.as_tensor([int(t) for t in target_indices])
+    return {
+        "targeted_success": targeted_success(top[:, 0], targets),
+        "n_targets": len(targets),
+        "hits": (top[:, 0] == targets).tolist(),
+        "top1": top[:, 0].tolist(),
+    }
 
 
 def _manifest_path(value: Any, manifest: PathLike) -> str:

@@ -531,3 +531,120 @@ def test_zeroshot_sets(tmp_path):
     (tmp_path / "bad.txt").write_text("no placeholder\n")
     with pytest.raises(ValueError, match="exactly one"):
         get_zeroshot_set([tmp_path / "c.txt", tmp_path / "bad.txt"])
+
+
+# ------------------------------------------------------------------- retrieval and targeted poisoning
+
+
+def _unit(*xs: float) -> list[float]:
+    v = np.array(xs, dtype=np.float64)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def test_retrieval_recall_one_swapped_pair_misses_both_ways():
+    # Pairs 0-2 match exactly. Image 3 = e0 + 0.5 e3 and caption 3 = e0 + 0.5 e4 are both closer to pair 0
+    # (cos .894) than to each other (cos .8): pair 3 misses in both directions, pairs 0-2 hit -> 3/4.
+    eye = np.eye(5)
+    images = np.stack([eye[0], eye[1], eye[2], _unit(1, 0, 0, 0.5, 0)])
+    texts = np.stack([eye[0], eye[1], eye[2], _unit(1, 0, 0, 0, 0.5)])
+    expected = {"image_to_text_r1": 0.75, "text_to_image_r1": 0.75, "retrieval_r1": 0.75, "n_pairs": 4}
+    assert ev.retrieval_recall_at_k(images, texts) == expected
+    # not normalised: the same (normalised inside); tensors and arrays alike
+    scaled = torch.tensor(images * np.array([[3.0], [0.5], [7.0], [2.0]]), dtype=torch.float32)
+    assert ev.retrieval_recall_at_k(scaled, torch.tensor(texts * 10)) == expected
+    # at k=2 the true partner of pair 3 is second in both directions
+    assert ev.retrieval_recall_at_k(images, texts, k=2)["image_to_text_r2"] == 1.0
+
+
+def test_retrieval_recall_tells_the_directions_apart():
+    # Image 3 = e2 + 0.5 e3: its best caption is caption 2 (.894 > .447), a miss. Caption 3 = e3 is found by
+    # image 3 only, and caption 2 still prefers image 2 (1.0 > .894): text->image has no miss.
+    eye = np.eye(4)
+    images = np.stack([eye[0], eye[1], eye[2], _unit(0, 0, 1, 0.5)])
+    result = ev.retrieval_recall_at_k(images, eye)
+    assert result["image_to_text_r1"] == 0.75 and result["text_to_image_r1"] == 1.0
+    assert result["retrieval_r1"] == pytest.approx(0.875)
+    swapped = ev.retrieval_recall_at_k(eye, images)  # the roles swap with the arguments
+    assert swapped["image_to_text_r1"] == 1.0 and swapped["text_to_image_r1"] == 0.75
+
+
+def test_retrieval_recall_ties_and_bad_input():
+    # A collapsed model (every embedding the same): ties go to the lower index, so only pair 0 (R@1) or
+    # pairs 0-1 (R@2) are hits, never all of them.
+    same = torch.ones(4, 3)
+    assert ev.retrieval_recall_at_k(same, same)["image_to_text_r1"] == 0.25
+    assert ev.retrieval_recall_at_k(same, same, k=2)["text_to_image_r2"] == 0.5
+    with pytest.raises(ValueError, match="same N"):
+        ev.retrieval_recall_at_k(torch.ones(4, 3), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        ev.retrieval_recall_at_k(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="positive integer"):
+        ev.retrieval_recall_at_k(same, same, k=0)
+
+
+COLOUR_WORDS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+
+
+class ColourTextModel(ColourModel):
+    """ColourModel with a text tower: a caption's embedding is the colour its last word names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visual = types.SimpleNamespace(image_size=6)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = torch.tensor(list(COLOUR_WORDS.values()))[tokens[:, 0]]
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+def colour_tokenizer(captions):
+    return torch.tensor([[list(COLOUR_WORDS).index(c.rstrip(".").split()[-1])] for c in captions])
+
+
+def test_evaluate_retrieval_embeds_images_and_captions(tmp_path):
+    paths = write_images(tmp_path / "img", [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
+    model = ColourTextModel()  # in training mode: evaluated in eval mode, then put back
+    captions = ["a square in red.", "a square in blue.", "a square in green."]  # pairs 1 and 2 swapped
+    result = ev.evaluate_retrieval(model, colour_tokenizer, transforms.ToTensor(), paths, captions, batch_size=2)
+    assert result == {"image_to_text_r1": pytest.approx(1 / 3), "text_to_image_r1": pytest.approx(1 / 3),
+                      "retrieval_r1": pytest.approx(1 / 3), "n_pairs": 3}
+    assert model.training
+    images = [Image.open(p).convert("L").convert("RGB") for p in paths]  # PIL images work too
+    result = ev.evaluate_retrieval(model, colour_tokenizer, transforms.ToTensor(), images[:1], captions[:1])
+    assert result["retrieval_r1"] == 1.0
+    with pytest.raises(ev.EvaluationError, match="one caption per image"):
+        ev.evaluate_retrieval(model, colour_tokenizer, transforms.ToTensor(), paths, captions[:2])
+
+
+def test_evaluate_retrieval_real_model_matches_independent_computation(tiny_model, digit_test_csv):
+    model, preprocess, tokenizer = tiny_model
+    dataset = ev.LabelledImages(digit_test_csv, MNIST_CLASSNAMES)
+    captions = [f"a handwritten {MNIST_CLASSNAMES[y]}." for y in dataset.labels]
+    result = ev.evaluate_retrieval(model, tokenizer, preprocess, dataset.paths, captions, batch_size=5)
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR))
+                              for p in dataset.paths])
+        expected = ev.retrieval_recall_at_k(model.encode_image(images), model.encode_text(tokenizer(captions)))
+    assert result == pytest.approx(expected) and result["n_pairs"] == 12
+
+
+def test_targeted_poisoning_success_over_eight_targets():
+    # 8 targeted images, each with its own target class; images 2 and 5 end up elsewhere: 6 of 8 = 0.75
+    targets = [3, 7, 1, 0, 9, 4, 2, 5]
+    top1 = [3, 7, 8, 0, 9, 6, 2, 5]
+    assert ev.targeted_success(torch.tensor(top1), targets) == 0.75
+    assert ev.targeted_success(torch.tensor([[t, 0] for t in top1]), torch.tensor(targets)) == 0.75  # top-k rows
+    with pytest.raises(ValueError, match="one target per targeted image"):
+        ev.targeted_success(torch.tensor(top1[:7]), targets)
+
+
+def test_evaluate_targeted_per_target_hits(stub_data):
+    # the stub images' top-1s are 3, 2, 3, 5 (hand-computed above); targets 3, 2, 1, 5 -> 3 of 4
+    result = ev.evaluate_targeted(ColourModel(), transforms.ToTensor(), None, stub_data.paths, [3, 2, 1, 5],
+                                  classifier=STUB_CLASSIFIER, image_size=6, batch_size=3)
+    assert result == {"targeted_success": 0.75, "n_targets": 4, "hits": [True, True, False, True],
+                      "top1": [3, 2, 3, 5]}
+    with pytest.raises(ev.EvaluationError, match="one target class per image"):
+        ev.evaluate_targeted(ColourModel(), None, None, stub_data.paths, [3], classifier=STUB_CLASSIFIER)
+    with pytest.raises(ev.EvaluationError, match="give a zero-shot classifier"):
+        ev.evaluate_targeted(ColourModel(), None, None, stub_data.paths[:1], [3], image_size=6)
