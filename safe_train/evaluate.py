@@ -623,8 +623,8 @@ class _Images(Dataset):
 
 def evaluate_retrieval(
     model: torch.nn.Module,
-    tokenizer: Callable,
     preprocess: Callable | None,
+    tokenizer: Callable,
     images: Sequence[ImageLike],
     captions: Sequence[str],
     batch_size: int = 256,
@@ -636,7 +636,7 @@ def evaluate_retrieval(
 ) -> dict[str, float | int]:
     """Image→text and text→image recall@k of an OpenCLIP model on paired ``images`` and ``captions``.
 
-    Note the argument order (tokenizer before preprocess, unlike :func:`evaluate_model`). Each image (a
+    The arguments come in :func:`evaluate_model`'s order (model, preprocess, tokenizer). Each image (a
     PIL image or a path) is converted to RGB, bilinearly resized to the model's input size and passed
     through ``preprocess`` (the model's validation transform when None), exactly as :func:`predict`
     does; captions go through ``tokenizer``. Both are embedded in eval mode (restored afterwards) under

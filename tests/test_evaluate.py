@@ -605,22 +605,22 @@ def test_evaluate_retrieval_embeds_images_and_captions(tmp_path):
     paths = write_images(tmp_path / "img", [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
     model = ColourTextModel()  # in training mode: evaluated in eval mode, then put back
     captions = ["a square in red.", "a square in blue.", "a square in green."]  # pairs 1 and 2 swapped
-    result = ev.evaluate_retrieval(model, colour_tokenizer, transforms.ToTensor(), paths, captions, batch_size=2)
+    result = ev.evaluate_retrieval(model, transforms.ToTensor(), colour_tokenizer, paths, captions, batch_size=2)
     assert result == {"image_to_text_r1": pytest.approx(1 / 3), "text_to_image_r1": pytest.approx(1 / 3),
                       "retrieval_r1": pytest.approx(1 / 3), "n_pairs": 3}
     assert model.training
     images = [Image.open(p).convert("L").convert("RGB") for p in paths]  # PIL images work too
-    result = ev.evaluate_retrieval(model, colour_tokenizer, transforms.ToTensor(), images[:1], captions[:1])
+    result = ev.evaluate_retrieval(model, transforms.ToTensor(), colour_tokenizer, images[:1], captions[:1])
     assert result["retrieval_r1"] == 1.0
     with pytest.raises(ev.EvaluationError, match="one caption per image"):
-        ev.evaluate_retrieval(model, colour_tokenizer, transforms.ToTensor(), paths, captions[:2])
+        ev.evaluate_retrieval(model, transforms.ToTensor(), colour_tokenizer, paths, captions[:2])
 
 
 def test_evaluate_retrieval_real_model_matches_independent_computation(tiny_model, digit_test_csv):
     model, preprocess, tokenizer = tiny_model
     dataset = ev.LabelledImages(digit_test_csv, MNIST_CLASSNAMES)
     captions = [f"a handwritten {MNIST_CLASSNAMES[y]}." for y in dataset.labels]
-    result = ev.evaluate_retrieval(model, tokenizer, preprocess, dataset.paths, captions, batch_size=5)
+    result = ev.evaluate_retrieval(model, preprocess, tokenizer, dataset.paths, captions, batch_size=5)
     with torch.no_grad():
         images = torch.stack([preprocess(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR))
                               for p in dataset.paths])
