@@ -110,7 +110,8 @@ def _image_name(row: int) -> str:
     return f"mnist_{row:04d}.png"
 
 
-def _write_tsv(path: Path, header: Sequence[str], rows: list[Sequence[object]]) -> None:
+def write_tsv(path: Path, header: Sequence[str], rows: list[Sequence[object]]) -> None:
+    """A tab-separated file with a header, written to a temporary name and moved into place."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as f:
         f.write("\t".join(header) + "\n")
@@ -223,9 +224,9 @@ def build_mnist_benchmark(
     ]
     test_rows = [(image_dir / names[i], int(labels[i])) for i in test_idx]
     train_csv, test_csv, finetune_csv = out_dir / "train.csv", out_dir / "test.csv", out_dir / "finetune.csv"
-    _write_tsv(train_csv, ("filepath", "title", "label"), train_rows)
-    _write_tsv(finetune_csv, ("filepath", "title", "label"), finetune_rows)
-    _write_tsv(test_csv, ("filepath", "label"), test_rows)
+    write_tsv(train_csv, ("filepath", "title", "label"), train_rows)
+    write_tsv(finetune_csv, ("filepath", "title", "label"), finetune_rows)
+    write_tsv(test_csv, ("filepath", "label"), test_rows)
     stamp.update(n_train=len(train_rows), n_test=len(test_rows), n_finetune=len(finetune_rows), n_images=len(names))
     (out_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
     return BenchmarkData(train_csv, test_csv, finetune_csv, classnames, templates, len(train_rows), len(test_rows),
