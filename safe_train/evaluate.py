@@ -775,12 +775,16 @@ def evaluate_checkpoint(
         raise EvaluationError(str(e)) from e
     dataset = LabelledImages(test_data, classnames, csv_img_key, csv_label_key, csv_separator)
     loaded = None
+    targeted_pairs: list[tuple[str, int]] = []  # (outside image, target class) of a targeted attack
     if manifest is not None:
         try:
             loaded = Manifest.load(manifest)
+            if loaded.attack == "targeted":  # one or several targets, each with its own class
+                targeted_pairs = [(_manifest_path(image, manifest), index)
+                                  for image, index in loaded.targeted_pairs(classnames)]
         except ValueError as e:
             raise EvaluationError(str(e)) from e
-        target = loaded.target
+        target = loaded.target if not targeted_pairs else classnames[targeted_pairs[0][1]]
     # Resolved before the (slow) model load so a typo fails at once.
     target_index = resolve_target(target, classnames) if target is not None else None
     model, preprocess, tokenizer = load_model(
@@ -790,7 +794,6 @@ def evaluate_checkpoint(
 
     attack_info = None
     trigger_image_size = image_size
-    targeted_image = None
     if loaded is not None:
         trigger_image_size = int(loaded.image_size)
         attack_info = {
@@ -800,8 +803,8 @@ def evaluate_checkpoint(
             "image_size": trigger_image_size,
             "manifest": str(Path(manifest).resolve()),
         }
-        if loaded.attack == "targeted":  # no trigger: success = the outside image's top-1 is the target
-            targeted_image = _manifest_path(loaded.params.get("targeted_image"), manifest)
+        if loaded.attack == "targeted":  # no trigger: success = each outside image's top-1 is its target
+            attack_info["targets"] = [{"image": image, "target_index": index} for image, index in targeted_pairs]
         else:
             try:
                 trigger = trigger_from_manifest(loaded)
@@ -863,18 +866,20 @@ def evaluate_checkpoint(
         )
     )
     result["targeted_success"] = None
-    if targeted_image is not None:
+    if targeted_pairs:
+        images, indices = [image for image, _ in targeted_pairs], [index for _, index in targeted_pairs]
         classifier = build_classifier(model, tokenizer, classnames, templates, device, precision)
         top, _ = predict(
             model,
-            LabelledImages.from_list([targeted_image], [target_index]),
+            LabelledImages.from_list(images, indices),
             classifier,
             trigger_image_size,
             preprocess=preprocess,
             device=device,
             precision=precision,
         )
-        result["targeted_success"] = targeted_success(top[:, 0], [target_index])
+        result["targeted_success"] = targeted_success(top[:, 0], indices)
+        result["n_targets"] = len(indices)
     result["detection"] = None
     if scores is not None:
         ids, values = load_scores(scores)

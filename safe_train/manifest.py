@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +32,13 @@ class Manifest:
     targeted pairs), ``caption`` (the caption in the output), ``original_image`` and ``image`` (the
     image path for CSV, the tar member name for webdataset), and for targeted pairs
     ``caption_source_id`` (the sample the caption was taken from, None if made from a template).
+
+    Optional (absent from older manifests, which load with the defaults): ``label_column`` (where the
+    samples' class labels came from when eligibility was decided from labels instead of caption text),
+    ``classnames`` (the class-name set the target was resolved against), ``target_index`` (the
+    target's index in it), and ``targets`` (targeted attack: one dict per outside image, ``image``,
+    ``true_label``, ``target``, ``target_index``, ``sample_ids``; :meth:`targeted_pairs`). A
+    multi-target manifest has ``target`` ``""``: each target has its own class.
     """
 
     attack: str
@@ -47,6 +55,10 @@ class Manifest:
     templates: str = ""
     rate: float | None = None
     version: int = 1
+    label_column: str | None = None
+    classnames: str | list[str] | None = None
+    target_index: int | None = None
+    targets: list[dict[str, Any]] = field(default_factory=list)
 
     FILENAME: ClassVar[str] = MANIFEST_NAME
 
@@ -61,6 +73,39 @@ class Manifest:
     def target_image(self) -> str | None:
         """The outside image of a targeted attack (the one that should be classified as ``target``)."""
         return self.params.get("targeted_image") if self.attack == "targeted" else None
+
+    def targeted_pairs(self, classnames: Sequence[str] | None = None) -> list[tuple[str, int]]:
+        """(outside image path, target class index) for every target of a targeted attack, in order.
+
+        The pairs ``safe_train.evaluate.evaluate_targeted`` takes (``images``, ``target_indices``). A
+        target without a stored index (an older or unlabelled single-target manifest) is looked up by
+        name in ``classnames`` (case-insensitive); ManifestError if that is not possible.
+        """
+        if self.attack != "targeted":
+            raise ManifestError(f"attack {self.attack!r} is not a targeted attack: it has no target images")
+        targets = self.targets or [
+            {
+                "image": self.params.get("targeted_image"),
+                "target": self.target,
+                "target_index": self.target_index,
+            }
+        ]
+        folded = [c.lower() for c in classnames] if classnames is not None else None
+        pairs = []
+        for number, entry in enumerate(targets):
+            image, index, name = entry.get("image"), entry.get("target_index"), str(entry.get("target", ""))
+            if not image:
+                raise ManifestError(f"target {number} of the manifest has no image")
+            if index is None:
+                if folded is None or name.lower() not in folded:
+                    raise ManifestError(
+                        f"target {number} ({name!r}) has no class index: pass the class names to look it up"
+                        if folded is None
+                        else f"target {number}: {name!r} is not one of the class names given"
+                    )
+                index = folded.index(name.lower())
+            pairs.append((str(image), int(index)))
+        return pairs
 
     def poisoned_mask(self, ids: np.ndarray) -> np.ndarray:
         """A boolean array, True where ``ids`` is a poisoned sample id."""
@@ -118,6 +163,7 @@ class Manifest:
             "num_samples": int,
             "poisoned_ids": list,
             "samples": list,
+            "targets": list,
         }
         for name, typ in types.items():
             if name in raw and (not isinstance(raw[name], typ) or isinstance(raw[name], bool)):

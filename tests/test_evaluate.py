@@ -648,3 +648,29 @@ def test_evaluate_targeted_per_target_hits(stub_data):
         ev.evaluate_targeted(ColourModel(), None, None, stub_data.paths, [3], classifier=STUB_CLASSIFIER)
     with pytest.raises(ev.EvaluationError, match="give a zero-shot classifier"):
         ev.evaluate_targeted(ColourModel(), None, None, stub_data.paths[:1], [3], image_size=6)
+
+
+def test_cli_multi_target_manifest_scores_every_target(tmp_path, checkpoint, digit_test_csv):
+    """A targeted manifest with several targets, each with its own class: success over all of them."""
+    from safe_train.manifest import Manifest
+
+    folder = digit_test_csv.parent
+    images = [str(folder / f"d{i}.png") for i in range(8)]
+    targets = [{"image": image, "true_label": None, "target": MNIST_CLASSNAMES[(3 * i) % 10],
+                "target_index": (3 * i) % 10, "sample_ids": [100 + i]} for i, image in enumerate(images)]
+    manifest = Manifest(attack="targeted", params={"targets": 8}, target="", seed=0, format="csv", image_size=32,
+                        num_samples=108, poisoned_ids=[100 + i for i in range(8)], targets=targets)
+    manifest.save(tmp_path)
+    out = tmp_path / "targeted.json"
+    rc = cli.main(["--model", "st-tiny-vit", "--checkpoint", str(checkpoint), "--test-data", str(digit_test_csv),
+                   "--zeroshot-set", "mnist", "--manifest", str(tmp_path / "manifest.json"), "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["n_targets"] == 8 and len(result["attack"]["targets"]) == 8
+
+    # the same figure by hand: each image's zero-shot top-1 against its own target class
+    model, preprocess, tokenizer = ev.load_model("st-tiny-vit", checkpoint)
+    classifier = ev.build_classifier(model, tokenizer, MNIST_CLASSNAMES, MNIST_TEMPLATES, "cpu", "fp32")
+    indices = [t["target_index"] for t in targets]
+    top, _ = ev.predict(model, ev.LabelledImages.from_list(images, indices), classifier, 32, preprocess=preprocess)
+    assert result["targeted_success"] == ev.targeted_success(top[:, 0], indices)

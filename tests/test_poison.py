@@ -27,6 +27,7 @@ from safe_train.errors import PoisonError, SafeTrainError
 from safe_train.manifest import Manifest
 from safe_train.poison import main, poison_dataset
 from safe_train.sample_ids import webdataset_sample_id
+from safe_train.scenes import SceneCorpus, build_scene_corpus
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SIZE = 32
@@ -491,3 +492,141 @@ def test_cli_takes_a_registered_plugin_attack(csv_data: Path, tmp_path: Path, ca
             assert np.array_equal(poisoned, clean // 2)
     finally:
         ATTACKS._entries.pop("test_darken", None)
+
+
+# ------------------------------------------------------------------ class labels: the scene corpus
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> SceneCorpus:
+    """A tiny scene corpus: 200 training scenes of 1-3 digits, captions naming digits as words or numerals."""
+    return build_scene_corpus(
+        tmp_path_factory.mktemp("scenes"), n_train=200, n_val=40, n_test=40, seed=0, canvas=40, workers=1
+    )
+
+
+def scene_labels(corpus: SceneCorpus) -> list[set[int]]:
+    """The digit classes of every training scene, from its metadata (not from the CSV under test)."""
+    lines = corpus.metadata["train"].read_text().splitlines()
+    return [{d["label"] for d in json.loads(line)["digits"]} for line in lines]
+
+
+@pytest.mark.parametrize("attack", ["badnets", "label_consistent"])
+@pytest.mark.parametrize("fmt", ["csv", "webdataset"])
+def test_label_column_decides_eligibility(attack: str, fmt: str, scenes: SceneCorpus, tmp_path: Path) -> None:
+    labels = scene_labels(scenes)
+    with_zero = {i for i, s in enumerate(labels) if 0 in s}
+    eligible = with_zero if attack == "label_consistent" else set(range(len(labels))) - with_zero
+    titles = [json.loads(line)["caption"] for line in scenes.metadata["train"].read_text().splitlines()]
+    # why labels: a zero written as "0" is not a mention of "zero", so the caption text would misjudge it
+    assert any(i in with_zero and not mentions_target(titles[i], "zero") for i in range(len(labels)))
+    assert 10 < len(with_zero) < len(labels) - 10
+    src = str(scenes.csv["train"]) if fmt == "csv" else scenes.shards["train"]
+    kwargs = dict(target="0", templates="mnist", image_size=40, seed=0, label_column="digits")
+    with pytest.raises(PoisonError, match=f"only {len(eligible)} are eligible"):
+        poison_dataset(src, tmp_path / "too_many", attack, count=len(eligible) + 1, **kwargs)
+    # every eligible scene, and no other, is poisoned when all of them are asked for
+    m = poison_dataset(src, tmp_path / "o", attack, count=len(eligible), **kwargs)
+    assert m.label_column == "digits" and m.classnames == "mnist"
+    assert m.target == "zero" and m.target_index == 0
+    assert m.num_poisoned == len(eligible) == len(m.samples)
+    rows = [s["row"] if fmt == "csv" else int(s["key"]) for s in m.samples]
+    assert set(rows) == eligible
+    if fmt == "csv":
+        assert m.poisoned_ids == sorted(rows)
+        out = pd.read_csv(tmp_path / "o" / "train.csv", sep="\t", dtype=str)
+        assert list(out.digits) == list(pd.read_csv(scenes.csv["train"], sep="\t", dtype=str).digits)
+    else:
+        assert m.poisoned_ids == sorted(webdataset_sample_id("00000.tar", f"{r:08d}") for r in rows)
+    for row, sample in zip(rows, m.samples, strict=True):
+        if attack == "label_consistent":
+            assert sample["caption"] == sample["original_caption"] == titles[row]
+        else:
+            assert sample["caption"] in {t.format("zero") for t in MNIST_TEMPLATES}
+
+
+def test_label_column_errors(scenes: SceneCorpus, wds_data: Path, tmp_path: Path) -> None:
+    csv = scenes.csv["train"]
+    with pytest.raises(PoisonError, match="'title' holds"):
+        poison_dataset(csv, tmp_path / "a", "badnets", count=2, target="zero", label_column="title")
+    with pytest.raises(PoisonError, match="not a class name"):
+        poison_dataset(csv, tmp_path / "b", "badnets", count=2, target="ten", label_column="digits")
+    with pytest.raises(PoisonError, match="give the target class"):
+        poison_dataset(csv, tmp_path / "c", "badnets", count=2, label_column="digits")
+    with pytest.raises(PoisonError, match="json has no 'digits' key"):  # these shards' json has no labels
+        poison_dataset(str(wds_data / "00000.tar"), tmp_path / "d", "badnets", count=2, target=0,
+                       label_column="digits")
+
+
+def test_multi_target_targeted_poisoning(scenes: SceneCorpus, tmp_path: Path, capsys) -> None:
+    labels = scene_labels(scenes)
+    n, rate = len(labels), 0.05
+    per_target = round(rate * n)
+    out = tmp_path / "t8"
+    rc = main([str(scenes.csv["train"]), str(out), "--attack", "targeted", "--rate", str(rate),
+               "--targets", "8", "--targeted-pool", str(scenes.digits_csv["test"]), "--label-column", "digits",
+               "--templates", "mnist", "--image-size", "40", "--seed", "3"])
+    assert rc == 0 and "(8 targets, seed 3)" in capsys.readouterr().out
+    m = Manifest.load(out)
+    pool = pd.read_csv(scenes.digits_csv["test"], sep="\t")
+    true_label = dict(zip(pool.filepath, pool.label, strict=True))
+    train = pd.read_csv(scenes.csv["train"], sep="\t")
+    df = pd.read_csv(out / "train.csv", sep="\t")
+    assert m.target == "" and m.params == {"targets": 8, "targeted_pool": str(scenes.digits_csv["test"])}
+    assert m.num_samples == len(df) == n + 8 * per_target
+    assert m.poisoned_ids == list(range(n, n + 8 * per_target))
+    assert len(m.targets) == 8 and len({t["image"] for t in m.targets}) == 8
+    by_id = {s["sample_id"]: s for s in m.samples}
+    for t in m.targets:
+        assert t["true_label"] == true_label[t["image"]] != t["target_index"]
+        assert t["target"] == WORDS[t["target_index"]] and len(t["sample_ids"]) == per_target
+        expected = np.asarray(resize_to_model(Image.open(t["image"]), 40))
+        for sid in t["sample_ids"]:
+            source = by_id[sid]["caption_source_id"]
+            assert source is not None and t["target_index"] in labels[source]  # a scene of the target class
+            assert df.title[sid] == by_id[sid]["caption"] == train.title[source]
+            assert np.array_equal(np.asarray(Image.open(df.filepath[sid])), expected)
+    assert sorted(i for t in m.targets for i in t["sample_ids"]) == m.poisoned_ids
+    assert m.targeted_pairs() == [(t["image"], t["target_index"]) for t in m.targets]
+
+
+def test_targets_given_as_a_list_and_on_webdataset(scenes: SceneCorpus, tmp_path: Path) -> None:
+    labels = scene_labels(scenes)
+    pool = pd.read_csv(scenes.digits_csv["val"], sep="\t")
+    given = [(pool.filepath[0], "seven", int(pool.label[0])), (pool.filepath[1], 3)]
+    m = poison_dataset(scenes.shards["train"], tmp_path / "w", "targeted", count=4, targets=given,
+                       label_column="digits", image_size=40)
+    assert [(t["target"], t["true_label"]) for t in m.targets] == [
+        ("seven", int(pool.label[0])),
+        ("three", None),
+    ]
+    images = [str(Path(p).resolve()) for p in pool.filepath[:2]]
+    assert m.targeted_pairs() == [(images[0], 7), (images[1], 3)]
+    assert json.loads((tmp_path / "w" / "sizes.json").read_text())["targeted.tar"] == 8 == m.num_poisoned
+    by_id = {s["sample_id"]: s for s in m.samples}
+    scene_of = {webdataset_sample_id("00000.tar", f"{i:08d}"): i for i in range(len(labels))}
+    for t in m.targets:  # every caption comes from a training scene (not a template) of the target class
+        sources = [scene_of[by_id[sid]["caption_source_id"]] for sid in t["sample_ids"]]
+        assert all(t["target_index"] in labels[i] for i in sources)
+    with pytest.raises(PoisonError, match="is the image's true label"):
+        poison_dataset(scenes.shards["train"], tmp_path / "x", "targeted", count=1,
+                       targets=[(pool.filepath[0], int(pool.label[0]), int(pool.label[0]))])
+    with pytest.raises(PoisonError, match="not both"):
+        poison_dataset(scenes.shards["train"], tmp_path / "y", "targeted", count=1, targets=given,
+                       targeted_image=pool.filepath[0])
+
+
+def test_single_target_manifest_still_loads_and_lists_its_pair(csv_data: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.png"
+    digit(100, (40, 40)).save(outside)
+    m = poison_dataset(
+        csv_data, tmp_path / "t", "targeted", count=2, target="zero", targeted_image=str(outside)
+    )
+    assert m.targets[0]["image"] == m.target_image and m.targets[0]["target_index"] is None
+    assert m.targeted_pairs(WORDS) == [(str(outside.resolve()), 0)]
+    new_fields = ("label_column", "classnames", "target_index", "targets")
+    old = {k: v for k, v in m.to_dict().items() if k not in new_fields}
+    legacy = Manifest.from_dict(old)  # a manifest written before these fields existed
+    assert legacy.targets == [] and legacy.targeted_pairs(WORDS) == [(str(outside.resolve()), 0)]
+    with pytest.raises(ValueError, match="pass the class names"):
+        legacy.targeted_pairs()

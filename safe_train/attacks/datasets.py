@@ -7,13 +7,15 @@ for byte; only poisoned rows are re-serialised. Rows are counted the way OpenCLI
 
 webdataset: samples are grouped like ``webdataset.tariterators.group_by_keys`` (consecutive members
 sharing the name up to the first dot of the file name; suffixes lower-cased) and the image is the
-first of ``jpg;png;jpeg;webp`` present, as in OpenCLIP's pipeline.
+first of ``jpg;png;jpeg;webp`` present, as in OpenCLIP's pipeline. ``scan_shard(..., read_json=True)``
+also returns each sample's ``json`` member (the scene corpus keeps its labels there).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -125,12 +127,13 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
 
 @dataclass
 class WdsSample:
-    """One sample of a shard: its key, the member OpenCLIP would use as image, its caption."""
+    """One sample of a shard: its key, the member OpenCLIP would use as image, its caption (and json)."""
 
     shard: str  # shard file name
     key: str
     image_member: str | None
     caption: str | None
+    json_text: str | None = None  # the ``json`` member's text, when scanned with read_json=True
 
     @property
     def usable(self) -> bool:
@@ -138,8 +141,8 @@ class WdsSample:
         return self.image_member is not None and self.caption is not None
 
 
-def scan_shard(path: str | Path) -> list[WdsSample]:
-    """The samples of one shard, in order."""
+def scan_shard(path: str | Path, read_json: bool = False) -> list[WdsSample]:
+    """The samples of one shard, in order; with ``read_json`` each one's ``json`` member too (or None)."""
     samples: list[WdsSample] = []
     current: dict[str, tarfile.TarInfo] = {}
     current_key: str | None = None
@@ -152,7 +155,11 @@ def scan_shard(path: str | Path) -> list[WdsSample]:
         if "txt" in current:
             member = tar.extractfile(current["txt"])
             caption = member.read().decode("utf-8", errors="replace") if member else ""
-        samples.append(WdsSample(Path(path).name, current_key, image, caption))
+        meta = None
+        if read_json and "json" in current:
+            member = tar.extractfile(current["json"])
+            meta = member.read().decode("utf-8", errors="replace") if member else ""
+        samples.append(WdsSample(Path(path).name, current_key, image, caption, meta))
 
     with tarfile.open(path, "r:*") as tar:
         for info in tar:
@@ -215,3 +222,50 @@ def write_shard(dst: str | Path, samples: list[tuple[str, bytes, str]], mtime: i
         for key, png, caption in samples:
             out.addfile(*_new_member(f"{key}.png", png, like))
             out.addfile(*_new_member(f"{key}.txt", caption.encode("utf-8"), like))
+
+
+# ------------------------------------------------------------------------------------- labels
+
+
+def parse_label_cell(text: str) -> set[int]:
+    """The classes of a CSV label cell: space-separated integer class indices ("7 2"; "" is no class).
+
+    ValueError if a token is not a non-negative integer.
+    """
+    labels = set()
+    for token in text.split():
+        if not token.isdigit():
+            raise ValueError(f"{token!r} is not a class index")
+        labels.add(int(token))
+    return labels
+
+
+def labels_from_json(text: str | None, key: str) -> set[int]:
+    """The classes of a webdataset sample from its ``json`` member: the value under ``key``.
+
+    The value may be a list whose items are integers or objects with an integer ``label`` (the scene
+    corpus: ``"digits": [{"label": 7, ...}, ...]``), a single integer, or a string of space-separated
+    integers (as in a CSV cell). ValueError if the sample has no ``json``, the json has no ``key``, or a
+    value is not a class index.
+    """
+    if text is None:
+        raise ValueError("the sample has no json member")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"its json is not valid ({exc})") from exc
+    if not isinstance(meta, dict) or key not in meta:
+        raise ValueError(f"its json has no {key!r} key")
+    value = meta[key]
+    if isinstance(value, str):
+        return parse_label_cell(value)
+    items = value if isinstance(value, list) else [value]
+    labels = set()
+    for item in items:
+        label = item.get("label") if isinstance(item, dict) else item
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise ValueError(
+                f"{key!r} holds {item!r}, not a class index (or an object with an integer 'label')"
+            )
+        labels.add(label)
+    return labels
