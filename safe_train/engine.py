@@ -1,9 +1,10 @@
-"""The training loop: OpenCLIP's ``train_one_epoch`` step for step, driven by defense/callback events.
+"""The training loop: an epoch is the defense's passes, each a run of OpenCLIP steps, driven by events.
 
-With ``--defense none`` and no callbacks every step does exactly what OpenCLIP 3.3 does (same batches,
-same forward, loss, backward, optimizer, scheduler and logging), so losses match to float tolerance.
-What is added: sample ids on every batch, passes chosen by the defense, per-sample state synced at
-epoch boundaries and saved next to each checkpoint, and resumable RNG streams.
+The step itself is OpenCLIP 3.3's (:class:`safe_train.openclip.TrainStep`, the one place that mirrors
+upstream code). With ``--defense none`` and no callbacks every step does exactly what OpenCLIP 3.3 does
+(same batches, forward, loss, backward, optimizer, scheduler and logging), so losses match to float
+tolerance. What the engine adds: sample ids on every batch, passes chosen by the defense, per-sample
+state synced at epoch boundaries and saved next to each checkpoint, and resumable RNG streams.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Engine:
     def hooks(self) -> list[Callback]:
         return [self.defense, *self.callbacks]
 
-    # ---- wiring from openclip_compat --------------------------------------------------------
+    # ---- wiring from safe_train.openclip.patch ----------------------------------------------------
     def on_parsed_args(self, args) -> None:
         if getattr(args, "horovod", False):
             raise ConfigError("--horovod is not supported; use torchrun or srun (DDP)")
