@@ -39,10 +39,10 @@ from safe_train import dist
 from safe_train.detection.knn import faiss_available
 from safe_train.detection.scores import batch_scores, global_scores, parse_detectors
 from safe_train.errors import ConfigError
-from safe_train.evaluate import detection_metrics
 from safe_train.flags import FlagConfig, check, option
 from safe_train.interface import Callback, StepOutput, TrainContext
 from safe_train.manifest import Manifest
+from safe_train.metrics import detection_metrics
 from safe_train.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
