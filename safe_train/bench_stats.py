@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 METRICS = ("clean_top1", "asr", "retrieval_r1", "targeted_success", "wall_seconds")
+# Aggregated like METRICS when the runs carry them (None when absent): the scene corpus's ASR on held-out
+# scenes; a runner without scenes need not name it.
+OPTIONAL_METRICS = ("asr_scenes",)
 CELL_KEYS = ("scale", "attack", "poison_rate", "defense")
 SPLITS = ("test", "validation")
 # Fields of the runs copied into their cell when every seed agrees (and an error when they do not):
@@ -45,6 +48,7 @@ __all__ = [
     "mean_se",
     "plot_accuracy_vs_asr",
     "plot_asr_vs_rate",
+    "plot_curves",
     "write_results",
 ]
 
@@ -129,8 +133,8 @@ def aggregate(
             raise ValueError(f"cell {cell} has seed(s) {repeated} more than once: each seed is one run")
         cell["n_seeds"] = len(members)
         cell["seeds"] = sorted(seeds)
-        for metric in METRICS:
-            values = [m[metric] for m in members]
+        for metric in (*METRICS, *OPTIONAL_METRICS):
+            values = [m.get(metric) for m in members]
             cell[f"{metric}_mean"], cell[f"{metric}_se"] = mean_se(values)
             cell[f"{metric}_n"] = len(_finite(values))
         for name in CARRIED:
@@ -272,13 +276,15 @@ def format_markdown(cells: Sequence[Mapping[str, Any]], scale: str, split: str) 
         f"seeds per cell: {', '.join(map(str, seeds)) or '—'}. R@1 = mean of image→text and text→image R@1. "
         "Wall time: mean per run.",
         "",
-        "| attack | poison rate | defense | seeds | clean top-1 | R@1 | ASR | targeted success | wall time |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| attack | poison rate | defense | seeds | clean top-1 | R@1 | ASR | ASR (scenes) | targeted success "
+        "| wall time |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in _ordered(cells):
         lines.append(
             f"| {c['attack']} | {_rate(float(c['poison_rate']))} | {c['defense']} | {c.get('n_seeds', '—')} | "
             f"{_mean_se_cell(c, 'clean_top1')} | {_mean_se_cell(c, 'retrieval_r1')} | {_mean_se_cell(c, 'asr')} | "
+            f"{_mean_se_cell(c, 'asr_scenes')} | "
             f"{_mean_se_cell(c, 'targeted_success')} | {_wall(c.get('wall_seconds_mean'))} |"
         )
     return "\n".join(lines) + "\n"
@@ -330,7 +336,7 @@ def write_results(
     }
     (out / "results.json").write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
 
-    columns = list(_CSV_HEAD) + [f"{m}_{s}" for m in METRICS for s in ("mean", "se", "n")]
+    columns = list(_CSV_HEAD) + [f"{m}_{s}" for m in (*METRICS, *OPTIONAL_METRICS) for s in ("mean", "se", "n")]
     columns += sorted({k for r in rows for k in r} - set(columns))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -441,6 +447,26 @@ def plot_accuracy_vs_asr(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     ax.set(xlabel="ASR (%)", ylabel="clean zero-shot top-1 (%)", xlim=(-2, 102),
            title="Clean accuracy against ASR (one point per run)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, max_legend: int = 16) -> None:
+    """Per-epoch clean top-1 and ASR of every run, from each row's ``history`` (the in-training evaluations)."""
+    plt = _pyplot()
+    fig, (ax_asr, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        history = r.get("history") or []
+        epochs = [h["epoch"] for h in history]
+        label = f"{r.get('attack')} {_rate(float(r.get('poison_rate', 0)))} {r.get('defense')} s{r.get('seed')}"
+        if any(h.get("asr") is not None for h in history):
+            ax_asr.plot(epochs, [100 * _nan_to(h.get("asr"), 0.0) for h in history], marker=".", label=label)
+        ax_acc.plot(epochs, [100 * _nan_to(h.get("clean_top1"), 0.0) for h in history], marker=".", label=label)
+    ax_asr.set(title="ASR (%) during training", xlabel="epoch", ylim=(-2, 102))
+    ax_acc.set(title="Clean zero-shot top-1 (%) during training", xlabel="epoch", ylim=(-2, 102))
+    if 0 < len(rows) <= max_legend:
+        ax_acc.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import REPO, base_env
 
 from safe_train.bench import BENCH_ENTRIES
 from safe_train.bench_data import locate_mnist_file
+from safe_train.bench_runs import scaled_to_split
 from safe_train.errors import ConfigError
 
 
@@ -47,19 +49,15 @@ def test_bench_runs_end_to_end(tmp_path):
 
 
 def test_finetuning_rows_keep_their_steps_on_a_larger_split():
-    import argparse
-
-    from safe_train.bench import _scaled_to_split
-
     parser = argparse.ArgumentParser()  # as OpenCLIP reads them: the last --epochs wins
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--cleanclip-ss-weight", type=float)
     entry = BENCH_ENTRIES["cleanclip-clip-only"]
-    assert _scaled_to_split(entry, 400) is entry  # the split the recipe was made for
+    assert scaled_to_split(entry, 400) is entry  # the split the recipe was made for
     assert parser.parse_known_args(list(entry.flags))[0].epochs == 60
     for pairs, epochs in ((1000, 24), (1500, 16), (100_000, 1)):
-        parsed, _ = parser.parse_known_args(list(_scaled_to_split(entry, pairs).flags))
+        parsed, _ = parser.parse_known_args(list(scaled_to_split(entry, pairs).flags))
         assert parsed.epochs == epochs and parsed.cleanclip_ss_weight == 0
-    assert _scaled_to_split(BENCH_ENTRIES["none"], 1000) is BENCH_ENTRIES["none"]  # no epochs of its own
+    assert scaled_to_split(BENCH_ENTRIES["none"], 1000) is BENCH_ENTRIES["none"]  # no epochs of its own
     with pytest.raises(ConfigError, match="at least one batch"):
-        _scaled_to_split(entry, 50)  # fewer clean pairs than one batch of 64
+        scaled_to_split(entry, 50)  # fewer clean pairs than one batch of 64

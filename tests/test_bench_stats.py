@@ -154,11 +154,11 @@ def test_writers_json_csv_markdown(tmp_path, table_rows):
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# Benchmark results: scale `medium`, test split") and text in md
     assert "**test** split" in text and "chosen on the validation split" in text
-    assert "| attack | poison rate | defense | seeds | clean top-1 | R@1 | ASR | targeted success | wall time |" in text
-    assert "| badnets | 1% | none | 3 | 90.0 ± 5.8 | 50.0 ± 5.8 | 90.0 ± 5.8 | — | 100 s |" in text
-    assert "| badnets | 1% | safeclip | 2 | 88.0 ± 0.0 | 50.0 ± 0.0 | 1.0 ± 1.0 | — | 250 s |" in text
-    assert "| badnets | 0.1% | none | 1 | 90.0 ± — | 50.0 ± — | 50.0 ± — | — | 100 s |" in text
-    assert "| targeted | 0.05% | none | 2 | 90.0 ± 0.0 | 50.0 ± 0.0 | — | 81.2 ± 6.2 | 100 s |" in text
+    assert "| attack | poison rate | defense | seeds | clean top-1 | R@1 | ASR | ASR (scenes) | targeted success " in text
+    assert "| badnets | 1% | none | 3 | 90.0 ± 5.8 | 50.0 ± 5.8 | 90.0 ± 5.8 | — | — | 100 s |" in text
+    assert "| badnets | 1% | safeclip | 2 | 88.0 ± 0.0 | 50.0 ± 0.0 | 1.0 ± 1.0 | — | — | 250 s |" in text
+    assert "| badnets | 0.1% | none | 1 | 90.0 ± — | 50.0 ± — | 50.0 ± — | — | — | 100 s |" in text
+    assert "| targeted | 0.05% | none | 2 | 90.0 ± 0.0 | 50.0 ± 0.0 | — | — | 81.2 ± 6.2 | 100 s |" in text
     assert "badnets: none learns it from 1%" in text and "safe-train bench --scale medium" in md
 
 
@@ -191,3 +191,12 @@ def test_plots_are_drawn(tmp_path, table_rows):
     _assert_real_png(tmp_path / "accuracy_vs_asr.png")
     with pytest.raises(ValueError, match="no cell"):
         bs.plot_asr_vs_rate(bs.aggregate([run(asr=None)]), tmp_path / "empty.png")
+
+
+def test_optional_scene_asr_is_aggregated_when_runs_carry_it():
+    """asr_scenes (the scene corpus's second ASR) is a mean ± SE like the others; absent means not measured."""
+    cells = bs.aggregate([run(seed=0, asr_scenes=0.5), run(seed=1, asr_scenes=0.7), run(seed=2)])
+    assert cells[0]["asr_scenes_mean"] == pytest.approx(0.6) and cells[0]["asr_scenes_se"] == pytest.approx(0.1)
+    assert cells[0]["asr_scenes_n"] == 2 and cells[0]["n_seeds"] == 3
+    assert "| 60.0 ± 10.0 (n=2) |" in bs.format_markdown(cells, "medium", "test")
+    assert math.isnan(bs.aggregate([run()])[0]["asr_scenes_mean"])

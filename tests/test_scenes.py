@@ -18,7 +18,7 @@ from PIL import Image
 
 from safe_train.bench_data import load_mnist_5k
 from safe_train.errors import ConfigError
-from safe_train.scenes import SIZE_RANGES, build_scene_corpus, render_scene, split_source_digits
+from safe_train.scenes import SIZE_RANGES, build_scene_corpus, model_flags, render_scene, split_source_digits
 
 TINY = {"n_train": 48, "n_val": 16, "n_test": 16, "canvas": 32, "shard_size": 16}
 COLOUR_RGB = {"white": (255, 255, 255), "red": (235, 45, 45), "green": (45, 205, 65), "blue": (70, 110, 255),
@@ -267,7 +267,7 @@ def test_evaluation_sets_load_with_safe_train_readers(tiny):
 def test_webdataset_shards_train_through_safe_train(tiny, tmp_path):
     flags = train_flags(tiny.shards["train"], tmp_path, "scenes", epochs=1, batch_size=8,
                         dataset_type="webdataset", extra=["--track-samples", *tiny.model_flags()])
-    assert tiny.model_flags() == ["--model", "st-tiny-vit-scenes", "--force-image-size", "32"]
+    assert tiny.model_flags() == ["--model", "st-tiny-rn-scenes", "--force-image-size", "32"]
     assert run_safe_train(flags) == 0
     from safe_train.sample_ids import webdataset_sample_id
 
@@ -293,3 +293,11 @@ def test_bad_input_is_one_clear_error(tmp_path):
         "safe_train.scenes: error: canvas 20 is not allowed: use a multiple of 8 from 32 to 256 (smaller canvases "
         "leave too few pixels for three legible digits)"]
     assert not any(tmp_path.iterdir())
+
+
+def test_model_flags_fit_the_canvas():
+    """The ResNet tower for multiples of 32 (its attention pool needs a 1/32 grid), the patch-8 ViT otherwise."""
+    assert model_flags() == model_flags(64) == ["--model", "st-tiny-rn-scenes"]
+    assert model_flags(96) == ["--model", "st-tiny-rn-scenes", "--force-image-size", "96"]
+    assert model_flags(40) == ["--model", "st-tiny-vit-scenes"]
+    assert model_flags(48) == ["--model", "st-tiny-vit-scenes", "--force-image-size", "48"]

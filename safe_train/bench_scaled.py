@@ -1,0 +1,479 @@
+"""The scaled benchmark: ``safe-train bench --scale tiny|medium|large`` on the scene corpus.
+
+Attack x poison rate x defense x seed, on the MultiMNIST-style scenes of :mod:`safe_train.scenes`
+(20,000 training pairs at ``medium``), with a validation split for choosing recipes and a test split
+for the final numbers. Per seed it builds (or reuses) a corpus, poisons its training split with each
+attack at each rate (:func:`safe_train.poison.poison_dataset`, labels from the scenes' digits), trains
+``none`` at every rate, then every other defense at the lowest rate ``none`` learns and at the highest
+rate (``--defense-rates``), and evaluates the final checkpoint:
+
+- clean top-1: zero-shot on every single held-out digit of the split (1,000 on test, 500 on validation);
+- ASR: the trigger on every non-target single digit, and on every held-out scene without the target;
+- R@1: image→text and text→image on held-out scenes with distinct captions (1,000 at ``medium``);
+- targeted success: the share of the 8 target images classified as their target class.
+
+Every run is a cell file under ``<out>/cells``, reused when its flags and inputs are unchanged, so a
+table can be built over several sittings; the table (mean ± standard error over seeds) and plots go to
+``<out>/results/<scale>-<split>/`` (:mod:`safe_train.bench_stats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shlex
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safe_train.args import config_to_argv
+from safe_train.attacks import trigger_from_manifest
+from safe_train.bench_data import write_tsv
+from safe_train.bench_runs import (
+    BENCH_ENTRIES,
+    NEEDS_WORDNET,
+    SHARED_PRESET,
+    BenchEntry,
+    ensure_wordnet_offline,
+    parse_attack_params,
+    read_history,
+    run_training,
+    scaled_to_split,
+    sha256,
+)
+from safe_train.bench_stats import (
+    aggregate,
+    lowest_learned_rate,
+    plot_accuracy_vs_asr,
+    plot_asr_vs_rate,
+    plot_curves,
+    write_results,
+)
+from safe_train.errors import ConfigError, SafeTrainError
+from safe_train.evaluate import (
+    LabelledImages,
+    evaluate_checkpoint,
+    evaluate_model,
+    evaluate_retrieval,
+    load_model,
+)
+from safe_train.manifest import Manifest
+from safe_train.poison import poison_dataset
+from safe_train.scenes import DEFAULT_CANVAS, SceneCorpus, build_scene_corpus
+from safe_train.scenes import model_flags as scene_model_flags
+from safe_train.scenes import model_name as scene_model_name
+from safe_train.zeroshot_sets import get_zeroshot_set
+
+TARGET = "zero"
+N_TARGETS = 8  # targeted poisoning: one held-out image per target, each paired with captions of another class
+# Trigger parameters at the scenes' 64-pixel canvas (the parameters are reported with every table).
+SCENE_ATTACKS: dict[str, dict[str, Any]] = {
+    "badnets": {"patch_size": 6},
+    "blended": {"alpha": 0.2},
+    "sig": {},
+    "wanet": {"strength": 1.0},
+    "label_consistent": {"patch_size": 6},
+    "targeted": {},
+}
+SCALED_DEFENSES = ("none", "safeclip", "cleanclip", "cleanclip-clip-only")
+DEFAULT_RATES = (0.0005, 0.001, 0.0025, 0.01)
+SPLIT_DIRS = {"validation": "val", "test": "test"}  # bench_stats' split names -> the corpus's
+LEARNED_ASR = 0.8
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """The corpus, training length and evaluation sizes of one scale."""
+
+    name: str
+    n_train: int
+    n_val: int
+    n_test: int
+    epochs: int
+    eval_every: int
+    retrieval_pairs: int
+    canvas: int = DEFAULT_CANVAS  # the scene model's own input size (evaluation loads the model at it)
+    finetune_fraction: float = 0.05  # CleanCLIP's clean set, a share of the training size
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+SCALES: dict[str, ScaleSpec] = {
+    # a smoke run for tests and first tries: a minute or two on 2 CPU cores
+    "tiny": ScaleSpec("tiny", 2_000, 300, 300, epochs=1, eval_every=1, retrieval_pairs=200),
+    # the headline table: about 10 minutes per none run on 2 CPU cores (benchmarks/RESULTS.md)
+    "medium": ScaleSpec("medium", 20_000, 2_000, 2_000, epochs=8, eval_every=2, retrieval_pairs=1_000),
+    # meant for a GPU (CUDA AMP)
+    "large": ScaleSpec("large", 200_000, 5_000, 5_000, epochs=10, eval_every=2, retrieval_pairs=1_000,
+                       device="cuda", precision="amp"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The scaled benchmark's own flags (``safe_train.bench`` adds the shared ones)."""
+    g = p.add_argument_group("scaled benchmark (--scale tiny|medium|large)")
+    g.add_argument("--poison-rates", default=None,
+                   help="Comma-separated poison rates swept by the scaled benchmark "
+                        f"(default {','.join(map(str, DEFAULT_RATES))}).")
+    g.add_argument("--split", choices=tuple(SPLIT_DIRS), default="test",
+                   help="Where the numbers come from: validation (choosing recipes and thresholds) or test "
+                        "(final numbers only). Default: test.")
+    g.add_argument("--defense-rates", default="auto",
+                   help="Rates the defenses other than none run at: auto (the lowest rate none learns, ASR >= 80%% "
+                        "mean over the seeds, and the highest rate), all, or a comma-separated list.")
+    g.add_argument("--train-pairs", type=int, default=None, help="Override the scale's training size.")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="Override the finetuning defenses' epochs (default: the recipe's steps at 400 pairs).")
+    g.add_argument("--precision", default=None, help="Training precision (default: the scale's: fp32, amp on large).")
+
+
+def scale_spec(opts: argparse.Namespace) -> ScaleSpec:
+    spec = SCALES[opts.scale]
+    changes: dict[str, Any] = {}
+    if opts.epochs is not None:
+        changes["epochs"] = opts.epochs
+    if getattr(opts, "train_pairs", None):
+        changes["n_train"] = opts.train_pairs
+    if opts.device is not None:
+        changes["device"] = opts.device
+    if getattr(opts, "precision", None):
+        changes["precision"] = opts.precision
+    if opts.eval_every is not None:
+        changes["eval_every"] = opts.eval_every
+    return replace(spec, **changes)
+
+
+def _rates(text: str | None) -> list[float]:
+    if not text:
+        return list(DEFAULT_RATES)
+    try:
+        rates = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError as e:
+        raise ConfigError(f"--poison-rates must be comma-separated numbers, got {text!r}") from e
+    if not rates or any(not 0 < r < 1 for r in rates):
+        raise ConfigError(f"--poison-rates must lie in (0, 1), got {text!r}")
+    return rates
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: the table cell (attack, rate, defense) and its seed."""
+
+    attack: str
+    rate: float
+    defense: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.attack}-rate{self.rate:g}-{self.defense}-seed{self.seed}"
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _finetune_csv(corpus: SceneCorpus, fraction: float, seed: int) -> tuple[Path, int]:
+    """A clean training subset (``fraction`` of the training split, drawn with ``seed``) for the finetuning
+    defenses: the defender's trusted clean data, from the training distribution, never from held-out pools."""
+    n = max(1, round(fraction * corpus.sizes["train"]))
+    path = corpus.out_dir / f"finetune-{n}-seed{seed}.csv"
+    if path.exists():
+        return path, n
+    if corpus.csv["train"] is None:
+        raise ConfigError("the finetuning defenses need the training split as CSV (corpora up to 100,000 pairs)")
+    with open(corpus.csv["train"], encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header, body = rows[0], rows[1:]
+    chosen = sorted(random.Random(f"finetune-{seed}").sample(range(len(body)), n))
+    write_tsv(path, header, [body[i] for i in chosen])
+    return path, n
+
+
+def _poison(corpus: SceneCorpus, out: Path, attack: str, rate: float, seed: int, params: dict[str, Any],
+            split_dir: str) -> tuple[Path, Manifest]:
+    """The training split poisoned with ``attack`` at ``rate`` (reused while it was made from this corpus)."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
+    targeted = attack == "targeted"
+    # targeted images come from the evaluated split's held-out digits (they must be outside training)
+    where = f"-{split_dir}" if targeted else ""
+    directory = out / "poisoned" / f"{corpus.out_dir.name}-{attack}-{tag}-rate{rate:g}{where}"
+    source = corpus.csv["train"]
+    if source is None:
+        raise ConfigError("this scale's training split has no CSV; the scaled benchmark trains on CSV corpora")
+    stamp = directory / "source_sha256.txt"
+    digest = sha256(source)
+    if (directory / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return directory, Manifest.load(directory / "manifest.json")
+    shutil.rmtree(directory, ignore_errors=True)
+    kwargs: dict[str, Any] = dict(rate=rate, templates="mnist", image_size=corpus.canvas, seed=seed,
+                                  label_column="digits", **params)
+    if targeted:
+        kwargs.update(targets=N_TARGETS, targeted_pool=str(corpus.digits_csv[split_dir]))
+    else:
+        kwargs.update(target=TARGET)
+    manifest = poison_dataset(str(source), directory, attack, **kwargs)
+    stamp.write_text(digest + "\n")
+    return directory, manifest
+
+
+def _held_out_scenes(corpus: SceneCorpus, split_dir: str) -> list[tuple[str, str, list[int]]]:
+    """(image path, caption, digit labels) of every held-out scene of ``split_dir``, in index order."""
+    path = corpus.csv[split_dir]
+    if path is None:
+        raise ConfigError(f"the {split_dir} split has no CSV")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        return [(row["filepath"], row["title"], [int(d) for d in row["digits"].split()]) for row in reader]
+
+
+def distinct_caption_pairs(scenes: Sequence[tuple[str, str, list[int]]], n: int) -> list[tuple[str, str]]:
+    """The first ``n`` scenes whose caption text no earlier chosen scene has: with identical captions a
+    retrieval "miss" could be the right text, so R@1 is measured on distinct captions only."""
+    seen: set[str] = set()
+    pairs = []
+    for image, caption, _ in scenes:
+        if caption in seen:
+            continue
+        seen.add(caption)
+        pairs.append((image, caption))
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(model_name: str, checkpoint: Path, corpus: SceneCorpus, split_dir: str, manifest: Path,
+                 retrieval_pairs: int, device: str = "cpu") -> dict[str, Any]:
+    """The final numbers of one run: clean top-1 and ASR on single digits (or targeted success), ASR on
+    held-out scenes without the target, and retrieval R@1 on held-out scenes with distinct captions."""
+    digits = evaluate_checkpoint(model_name, checkpoint, corpus.digits_csv[split_dir], "mnist", manifest=manifest,
+                                 device=device)
+    result: dict[str, Any] = {
+        "clean_top1": digits["clean_top1"], "clean_top5": digits["clean_top5"], "n_clean": digits["n_eval"],
+        "asr": digits["asr"], "asr_clean_baseline": digits["asr_clean_baseline"], "n_asr": digits["n_asr"],
+        "targeted_success": digits["targeted_success"], "n_targets": digits.get("n_targets"),
+    }
+    model, preprocess, tokenizer = load_model(model_name, checkpoint, device)
+    scenes = _held_out_scenes(corpus, split_dir)
+    loaded = Manifest.load(manifest)
+    result["asr_scenes"] = result["asr_scenes_clean_baseline"] = None
+    if loaded.attack != "targeted":
+        classnames, templates = get_zeroshot_set("mnist")
+        target_index = classnames.index(loaded.target)
+        keep = [(image, labels) for image, _, labels in scenes if target_index not in labels]
+        scene_eval = evaluate_model(model, preprocess, tokenizer,
+                                    LabelledImages.from_list([i for i, _ in keep], [ls[0] for _, ls in keep]),
+                                    classnames, templates, trigger=trigger_from_manifest(loaded),
+                                    target_index=target_index, trigger_image_size=loaded.image_size, device=device)
+        result.update(asr_scenes=scene_eval["asr"], asr_scenes_clean_baseline=scene_eval["asr_clean_baseline"],
+                      n_asr_scenes=scene_eval["n_asr"])
+    pairs = distinct_caption_pairs(scenes, retrieval_pairs)
+    retrieval = evaluate_retrieval(model, preprocess, tokenizer, [i for i, _ in pairs], [c for _, c in pairs],
+                                   device=device)
+    result.update(retrieval_r1=retrieval["retrieval_r1"], image_to_text_r1=retrieval["image_to_text_r1"],
+                  text_to_image_r1=retrieval["text_to_image_r1"], n_retrieval=retrieval["n_pairs"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def recipe_overrides(opts: argparse.Namespace) -> list[str]:
+    """``--batch-size`` / ``--lr`` / ``--warmup`` given to ``safe-train bench``: they replace the shared preset's."""
+    flags = []
+    for name in ("batch_size", "lr", "warmup"):
+        value = getattr(opts, name, None)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _train_flags(spec: ScaleSpec, entry: BenchEntry, train_csv: Path, eval_csv: Path, manifest: Manifest,
+                 manifest_path: Path, run_dir: Path, seed: int, pretrained: Path | None,
+                 overrides: Sequence[str] = ()) -> list[str]:
+    evaluation = ["--eval-data", str(eval_csv), "--eval-zeroshot-set", "mnist", "--eval-every", str(spec.eval_every)]
+    if manifest.attack != "targeted":  # a multi-target manifest has no trigger; its success is measured after
+        evaluation += ["--eval-manifest", str(manifest_path)]
+    model = scene_model_flags(spec.canvas)
+    start = ["--pretrained", str(pretrained)] if pretrained is not None else []
+    return [
+        *config_to_argv(SHARED_PRESET), *overrides, "--defense", entry.defense, *model, *start,
+        "--train-data", str(train_csv), "--epochs", str(spec.epochs), "--seed", str(seed),
+        "--device", spec.device, "--precision", spec.precision, "--log-every-n-steps", "100",
+        "--save-frequency", "0", *evaluation, "--log-root", str(run_dir.parent), "--name", run_dir.name,
+        *entry.flags,
+    ]
+
+
+def _row_inputs(flags: list[str], train_csv: Path, pretrained: Path | None, eval_csv: Path) -> dict[str, Any]:
+    return {"flags": flags, "train_csv_sha256": sha256(train_csv), "eval_csv_sha256": sha256(eval_csv),
+            "pretrained_sha256": sha256(pretrained) if pretrained is not None else None}
+
+
+def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: SceneCorpus, split_dir: str,
+             poisoned: Path, manifest: Manifest, params: dict[str, Any], label: str) -> dict[str, Any]:
+    """Train (or reuse) one cell's run and evaluate its final checkpoint; returns its row."""
+    out = Path(opts.out).resolve()
+    split = {v: k for k, v in SPLIT_DIRS.items()}[split_dir]
+    entry = BENCH_ENTRIES[cell.defense]
+    run_dir = out / "runs" / f"{spec.name}-{split_dir}-{cell.name}"
+    pretrained = None
+    if entry.finetunes:
+        base = out / "runs" / f"{spec.name}-{split_dir}-{replace(cell, defense='none').name}"
+        pretrained = base / "checkpoints" / f"epoch_{spec.epochs}.pt"
+        if not pretrained.exists():
+            raise SafeTrainError(f"{cell.defense} finetunes the none run's checkpoint {pretrained}, which is missing")
+        train_csv, n_finetune = _finetune_csv(corpus, spec.finetune_fraction, cell.seed)
+        entry = scaled_to_split(entry, n_finetune)
+        if opts.finetune_epochs is not None:
+            entry = BenchEntry(entry.defense, (*entry.flags, "--epochs", str(opts.finetune_epochs)), True)
+        epochs = int(_last(entry.flags, "--epochs") or spec.epochs)
+    else:
+        train_csv, epochs = poisoned / "train.csv", spec.epochs
+    eval_csv = corpus.digits_csv[split_dir]
+    flags = _train_flags(spec, entry, train_csv, eval_csv, manifest, poisoned / "manifest.json", run_dir,
+                         cell.seed, pretrained, [] if entry.finetunes else recipe_overrides(opts))
+    inputs = _row_inputs(flags, train_csv, pretrained, eval_csv)
+    cell_file = out / "cells" / f"{run_dir.name}.json"
+    if cell_file.exists() and not opts.force:
+        saved = json.loads(cell_file.read_text())
+        if saved.get("inputs") == inputs:
+            print(f"[{label}] reusing {cell_file.name}", flush=True)
+            return saved
+        print(f"[{label}] {cell_file.name} was made with other flags or data: re-running it", flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    what = (f"finetuning the poisoned none model on {train_csv.name}" if entry.finetunes else
+            f"training {epochs} epochs on {manifest.num_samples} pairs ({len(manifest.poisoned_ids)} poisoned)")
+    print(f"[{label}] {what}", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    wall = run_training(flags, opts.threads, label, run_dir.parent / f"{run_dir.name}.log")
+    checkpoint = run_dir / "checkpoints" / f"epoch_{epochs}.pt"
+    if not checkpoint.exists():
+        raise SafeTrainError(f"run {run_dir.name} wrote no final checkpoint {checkpoint}")
+    started = time.time()
+    metrics = evaluate_run(scene_model_name(spec.canvas), checkpoint, corpus, split_dir, poisoned / "manifest.json",
+                           spec.retrieval_pairs, spec.device)
+    row = {"scale": spec.name, "split": split, "attack": cell.attack, "poison_rate": cell.rate,
+           "defense": cell.defense, "seed": cell.seed, "params": params,
+           "target": "per-target classes" if manifest.attack == "targeted" else TARGET,
+           "n_poisoned": len(manifest.poisoned_ids), "n_train": manifest.num_samples, **metrics,
+           "wall_seconds": wall, "eval_seconds": time.time() - started, "run_dir": str(run_dir),
+           "history": read_history(run_dir), "inputs": inputs}
+    cell_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(cell_file)  # a cell file is whole or absent: an interrupted run is simply re-run
+    shown = ", ".join(f"{k} {_pct(row.get(k))}" for k in ("clean_top1", "asr", "asr_scenes", "retrieval_r1",
+                                                          "targeted_success") if row.get(k) is not None)
+    print(f"[{label}] {shown}; {wall:.0f} s", flush=True)
+    return row
+
+
+def _last(flags: Sequence[str], name: str) -> str | None:
+    hits = [i for i, f in enumerate(flags) if f == name]
+    return flags[hits[-1] + 1] if hits else None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def defense_rates(policy: str, rates: Sequence[float], none_rows: Sequence[dict[str, Any]], attack: str,
+                  ) -> list[float]:
+    """The rates the other defenses run at for ``attack``: ``auto`` = the lowest rate ``none`` learns (mean
+    ASR >= 80% over the seeds; targeted: mean success) and the highest rate; ``all``; or a list."""
+    if policy == "all":
+        return list(rates)
+    if policy != "auto":
+        return _rates(policy)
+    cells = aggregate([r for r in none_rows if r["attack"] == attack])
+    learned = lowest_learned_rate(cells, attack, threshold=LEARNED_ASR).rate
+    return sorted({max(rates), *([learned] if learned is not None else [])})
+
+
+def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
+    """Run (or reuse) every cell of the plan; write the table and plots; return the rows and the results folder."""
+    spec = scale_spec(opts)
+    split_dir = SPLIT_DIRS[opts.split]
+    attacks = [a for a in opts.attacks.split(",") if a] if opts.attacks else list(SCENE_ATTACKS)
+    defenses = [d for d in opts.defenses.split(",") if d] if opts.defenses else list(SCALED_DEFENSES)
+    seeds = [int(s) for s in opts.seeds.split(",") if s]
+    rates = _rates(opts.poison_rates)
+    unknown = [a for a in attacks if a not in SCENE_ATTACKS] + [d for d in defenses if d not in BENCH_ENTRIES]
+    if unknown:
+        raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(SCENE_ATTACKS)}, "
+                          f"defenses: {sorted(BENCH_ENTRIES)}")
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--scale {spec.name} trains on CUDA and no GPU is visible; pass --device cpu to run "
+                          "it on the CPU anyway")
+    if any(BENCH_ENTRIES[d].defense in NEEDS_WORDNET for d in defenses):
+        ensure_wordnet_offline()
+    overrides = parse_attack_params(opts.attack_param)
+    out = Path(opts.out).resolve()
+    corpora = {s: build_scene_corpus(out / "corpus" / f"{spec.name}-seed{s}", spec.n_train, spec.n_val, spec.n_test,
+                                     seed=s, canvas=spec.canvas, workers=opts.threads) for s in seeds}
+    params = {a: {**SCENE_ATTACKS[a], **overrides.get(a, {})} for a in attacks}
+    poisoned: dict[tuple[str, float, int], tuple[Path, Manifest]] = {}
+
+    def poisoned_set(attack: str, rate: float, seed: int) -> tuple[Path, Manifest]:
+        key = (attack, rate, seed)
+        if key not in poisoned:
+            poisoned[key] = _poison(corpora[seed], out, attack, rate, seed, params[attack], split_dir)
+        return poisoned[key]
+
+    # none at every rate first: it is the baseline, the finetuning start, and it decides the defenses' rates
+    needs_none = "none" in defenses or any(BENCH_ENTRIES[d].finetunes for d in defenses)
+    plan = [Cell(a, r, "none", s) for a in attacks for r in rates for s in seeds] if needs_none else []
+    rows: list[dict[str, Any]] = []
+    done = 0
+
+    def run(cell: Cell, total: int) -> dict[str, Any]:
+        nonlocal done
+        done += 1
+        path, manifest = poisoned_set(cell.attack, cell.rate, cell.seed)
+        label = f"{done}/{total} {cell.attack} {cell.rate:g} x {cell.defense} seed {cell.seed}"
+        return run_cell(opts, spec, cell, corpora[cell.seed], split_dir, path, manifest, params[cell.attack], label)
+
+    others = [d for d in defenses if d != "none"]
+    total = len(plan) + len(attacks) * len(seeds) * len(others) * 2  # an estimate until none has run
+    none_rows = [run(c, total) for c in plan]
+    if "none" in defenses:
+        rows += none_rows
+    later = [Cell(a, r, d, s) for a in attacks
+             for r in (defense_rates(opts.defense_rates, rates, none_rows, a) if needs_none else rates)
+             for d in others for s in seeds]
+    total = len(plan) + len(later)
+    rows += [run(c, total) for c in later]
+    return rows, write_tables(rows, out / "results" / f"{spec.name}-{split_dir}", spec.name, opts.split,
+                              command=opts.command)
+
+
+def write_tables(rows: list[dict[str, Any]], folder: Path, scale: str, split: str, command: str | None) -> Path:
+    """results.json / .csv / .md, runs.json (every seed's row) and the three plots of one scale and split."""
+    cells = aggregate(rows)
+    learned = [lowest_learned_rate(cells, a, threshold=LEARNED_ASR)
+               for a in dict.fromkeys(r["attack"] for r in rows) if any(c["defense"] == "none" for c in cells)]
+    write_results(cells, folder, scale, split=split, learned=learned, command=command)
+    (folder / "runs.json").write_text(json.dumps(rows, indent=1))
+    plot_asr_vs_rate(cells, folder / "asr_vs_rate.png", threshold=LEARNED_ASR)
+    plot_accuracy_vs_asr(rows, folder / "accuracy_vs_asr.png")
+    plot_curves(rows, folder / "curves.png")
+    return folder
+
+
+def main(opts: argparse.Namespace) -> int:
+    """Run the scaled benchmark for parsed ``safe-train bench`` options; print the table."""
+    opts.command = "safe-train bench " + " ".join(shlex.quote(a) for a in opts.argv)
+    rows, folder = run_scaled(opts)
+    print("\n" + (folder / "results.md").read_text())
+    print(f"wrote {folder}/results.json, results.csv, results.md, runs.json and plots ({len(rows)} runs)")
+    return 0
