@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -297,19 +298,45 @@ def _plot(results: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
+# Flags only one kind of benchmark reads: given to the other, they are an error, not silently ignored.
+_SMALL_ONLY = {"poison_rate": "--poison-rates", "finetune_per_class": "--train-pairs"}
+_SCALED_ONLY = ("poison_rates", "split", "defense_rates", "train_pairs", "finetune_epochs", "precision",
+                "train_format")
+
+
+def _check_scale_flags(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    given = [k for k in (*_SMALL_ONLY, *_SCALED_ONLY) if getattr(opts, k) != parser.get_default(k)]
+    if opts.scale == "small":
+        wrong = [k for k in given if k in _SCALED_ONLY]
+        if wrong:
+            raise ConfigError(f"--{wrong[0].replace('_', '-')} is a flag of the scaled benchmark: add --scale tiny, "
+                              "medium or large")
+    else:
+        wrong = [k for k in given if k in _SMALL_ONLY]
+        if wrong:
+            raise ConfigError(f"--{wrong[0].replace('_', '-')} is a flag of --scale small; the scaled benchmark "
+                              f"takes {_SMALL_ONLY[wrong[0]]}")
+    for name in ("attacks", "defenses"):
+        if getattr(opts, name) is not None and not getattr(opts, name).strip(", "):
+            raise ConfigError(f"--{name} is empty: name at least one, or leave it out for the default")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    opts = build_parser().parse_args(argv)
+    parser = build_parser()
+    opts = parser.parse_args(argv)
     opts.argv = argv
     started = time.time()
     try:
+        _check_scale_flags(parser, opts)
         if opts.scale != "small":
             return run_scaled_cli(opts)
         results = run_benchmark(_small_defaults(opts))
     except SafeTrainError as e:
         return report(e, "safe-train bench")
-    except (ValueError, FileNotFoundError) as e:
-        return report(SafeTrainError(str(e)), "safe-train bench")
+    except (ValueError, OSError, tarfile.TarError) as e:
+        return report(SafeTrainError(f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)),
+                      "safe-train bench")
     print("\n" + format_table(results))
     print(f"\nwrote {Path(opts.out) / 'results.json'}, results.csv, results.png "
           f"({time.time() - started:.0f}s)")

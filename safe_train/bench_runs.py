@@ -110,6 +110,7 @@ def run_training(flags: list[str], threads: int, label: str, log_file: Path) -> 
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # the log can be followed while the run goes on
             if "safe-train: " in line and "eval_" in line:
                 epoch = re.search(r"Epoch (\d+)", line)
                 metrics = dict(re.findall(r"eval_(clean_top1|asr): ([\d.e-]+)", line))

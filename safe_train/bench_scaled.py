@@ -25,6 +25,7 @@ import json
 import random
 import shlex
 import shutil
+import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -66,7 +67,7 @@ from safe_train.evaluate import (
 )
 from safe_train.manifest import Manifest
 from safe_train.poison import poison_dataset
-from safe_train.scenes import DEFAULT_CANVAS, SceneCorpus, build_scene_corpus
+from safe_train.scenes import DEFAULT_CANVAS, SceneCorpus, build_scene_corpus, check_build
 from safe_train.scenes import model_flags as scene_model_flags
 from safe_train.scenes import model_name as scene_model_name
 from safe_train.zeroshot_sets import get_zeroshot_set
@@ -101,6 +102,7 @@ class ScaleSpec:
     retrieval_pairs: int
     canvas: int = DEFAULT_CANVAS  # the scene model's own input size (evaluation loads the model at it)
     finetune_fraction: float = 0.05  # CleanCLIP's clean set, a share of the training size
+    train_format: str = "csv"  # "wds": poison and train on webdataset shards (corpora over 100,000 pairs have no CSV)
     device: str = "cpu"
     precision: str = "fp32"
 
@@ -109,10 +111,11 @@ SCALES: dict[str, ScaleSpec] = {
     # a smoke run for tests and first tries: a minute or two on 2 CPU cores
     "tiny": ScaleSpec("tiny", 2_000, 300, 300, epochs=1, eval_every=1, retrieval_pairs=200),
     # the headline table: about 10 minutes per none run on 2 CPU cores (benchmarks/RESULTS.md)
-    "medium": ScaleSpec("medium", 20_000, 2_000, 2_000, epochs=8, eval_every=2, retrieval_pairs=1_000),
+    "medium": ScaleSpec("medium", 20_000, 2_000, 2_000, epochs=6, eval_every=2, retrieval_pairs=1_000),
     # meant for a GPU (CUDA AMP)
-    "large": ScaleSpec("large", 200_000, 5_000, 5_000, epochs=10, eval_every=2, retrieval_pairs=1_000,
-                       device="cuda", precision="amp"),
+    # validation / test: as many held-out scenes as the digit pools allow (500 / 1,000 digits x 4 scenes each)
+    "large": ScaleSpec("large", 200_000, 2_000, 4_000, epochs=10, eval_every=2, retrieval_pairs=1_000,
+                       device="cuda", precision="amp", train_format="wds"),
 }
 
 
@@ -132,6 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=None,
                    help="Override the finetuning defenses' epochs (default: the recipe's steps at 400 pairs).")
     g.add_argument("--precision", default=None, help="Training precision (default: the scale's: fp32, amp on large).")
+    g.add_argument("--train-format", choices=("csv", "wds"), default=None,
+                   help="Poison and train on the corpus's CSV or its webdataset shards (default: csv; wds on large).")
 
 
 def scale_spec(opts: argparse.Namespace) -> ScaleSpec:
@@ -139,26 +144,34 @@ def scale_spec(opts: argparse.Namespace) -> ScaleSpec:
     changes: dict[str, Any] = {}
     if opts.epochs is not None:
         changes["epochs"] = opts.epochs
-    if getattr(opts, "train_pairs", None):
+    if getattr(opts, "train_pairs", None) is not None:
+        if opts.train_pairs < 1:
+            raise ConfigError(f"--train-pairs must be positive, got {opts.train_pairs}")
         changes["n_train"] = opts.train_pairs
     if opts.device is not None:
         changes["device"] = opts.device
+        if opts.device == "cpu" and not getattr(opts, "precision", None):
+            changes["precision"] = "fp32"  # amp on a CPU is bf16/fp16 autocast: slow without AMX, other numbers
     if getattr(opts, "precision", None):
         changes["precision"] = opts.precision
+    if getattr(opts, "train_format", None):
+        changes["train_format"] = opts.train_format
     if opts.eval_every is not None:
         changes["eval_every"] = opts.eval_every
-    return replace(spec, **changes)
+    spec = replace(spec, **changes)
+    check_build({"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}, spec.canvas)
+    return spec
 
 
-def _rates(text: str | None) -> list[float]:
+def _rates(text: str | None, flag: str = "--poison-rates") -> list[float]:
     if not text:
         return list(DEFAULT_RATES)
     try:
         rates = sorted({float(r) for r in text.split(",") if r.strip()})
     except ValueError as e:
-        raise ConfigError(f"--poison-rates must be comma-separated numbers, got {text!r}") from e
+        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from e
     if not rates or any(not 0 < r < 1 for r in rates):
-        raise ConfigError(f"--poison-rates must lie in (0, 1), got {text!r}")
+        raise ConfigError(f"{flag} must lie in (0, 1), got {text!r}")
     return rates
 
 
@@ -183,32 +196,55 @@ def _finetune_csv(corpus: SceneCorpus, fraction: float, seed: int) -> tuple[Path
     """A clean training subset (``fraction`` of the training split, drawn with ``seed``) for the finetuning
     defenses: the defender's trusted clean data, from the training distribution, never from held-out pools."""
     n = max(1, round(fraction * corpus.sizes["train"]))
-    path = corpus.out_dir / f"finetune-{n}-seed{seed}.csv"
+    # named after the corpus build too: a corpus rebuilt in place (other parameters) never reuses an old subset
+    build = sha256(corpus.out_dir / "scenes_stamp.json")[:12]
+    path = corpus.out_dir / f"finetune-{n}-seed{seed}-{build}.csv"
     if path.exists():
         return path, n
-    if corpus.csv["train"] is None:
-        raise ConfigError("the finetuning defenses need the training split as CSV (corpora up to 100,000 pairs)")
-    with open(corpus.csv["train"], encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
-    header, body = rows[0], rows[1:]
-    chosen = sorted(random.Random(f"finetune-{seed}").sample(range(len(body)), n))
-    write_tsv(path, header, [body[i] for i in chosen])
+    chosen = sorted(random.Random(f"finetune-{seed}").sample(range(corpus.sizes["train"]), n))
+    if corpus.csv["train"] is not None:
+        with open(corpus.csv["train"], encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        write_tsv(path, rows[0], [rows[1:][i] for i in chosen])
+        return path, n
+    # no CSV (a large corpus): copy the chosen scenes out of their shards
+    images = path.with_suffix("")
+    images.mkdir(parents=True, exist_ok=True)
+    shard_size = int(corpus.stamp["shard_size"])
+    rows = []
+    for shard in sorted({i // shard_size for i in chosen}):
+        wanted = {f"{i:08d}" for i in chosen if i // shard_size == shard}
+        with tarfile.open(corpus.out_dir / "train" / f"{shard:05d}.tar") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key not in wanted or ext not in ("png", "txt"):
+                    continue
+                payload = tar.extractfile(member).read()
+                if ext == "png":
+                    (images / f"{key}.png").write_bytes(payload)
+                else:
+                    rows.append((images / f"{key}.png", payload.decode("utf-8").strip()))
+    write_tsv(path, ("filepath", "title"), sorted(rows))
     return path, n
 
 
 def _poison(corpus: SceneCorpus, out: Path, attack: str, rate: float, seed: int, params: dict[str, Any],
-            split_dir: str) -> tuple[Path, Manifest]:
+            split_dir: str, train_format: str = "csv") -> tuple[Path, Manifest]:
     """The training split poisoned with ``attack`` at ``rate`` (reused while it was made from this corpus)."""
     tag = "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
     targeted = attack == "targeted"
     # targeted images come from the evaluated split's held-out digits (they must be outside training)
     where = f"-{split_dir}" if targeted else ""
-    directory = out / "poisoned" / f"{corpus.out_dir.name}-{attack}-{tag}-rate{rate:g}{where}"
-    source = corpus.csv["train"]
-    if source is None:
-        raise ConfigError("this scale's training split has no CSV; the scaled benchmark trains on CSV corpora")
+    fmt = "" if train_format == "csv" else f"-{train_format}"
+    directory = out / "poisoned" / f"{corpus.out_dir.name}-{attack}-{tag}-rate{rate:g}{where}{fmt}"
+    if train_format == "csv":
+        if corpus.csv["train"] is None:
+            raise ConfigError(f"the training split of {corpus.out_dir} has no CSV (over 100,000 pairs): use "
+                              "--train-format wds")
+        source, digest = str(corpus.csv["train"]), sha256(corpus.csv["train"])
+    else:  # the shards are fixed by the corpus's stamp (its parameters), written last by a finished build
+        source, digest = corpus.shards["train"], sha256(corpus.out_dir / "scenes_stamp.json")
     stamp = directory / "source_sha256.txt"
-    digest = sha256(source)
     if (directory / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return directory, Manifest.load(directory / "manifest.json")
     shutil.rmtree(directory, ignore_errors=True)
@@ -218,7 +254,7 @@ def _poison(corpus: SceneCorpus, out: Path, attack: str, rate: float, seed: int,
         kwargs.update(targets=N_TARGETS, targeted_pool=str(corpus.digits_csv[split_dir]))
     else:
         kwargs.update(target=TARGET)
-    manifest = poison_dataset(str(source), directory, attack, **kwargs)
+    manifest = poison_dataset(source, directory, attack, **kwargs)
     stamp.write_text(digest + "\n")
     return directory, manifest
 
@@ -251,12 +287,30 @@ def distinct_caption_pairs(scenes: Sequence[tuple[str, str, list[int]]], n: int)
 # ------------------------------------------------------------------------------------- evaluation
 
 
+def _clean_digits(corpus: SceneCorpus, split_dir: str, manifest: Manifest, manifest_path: Path) -> Path:
+    """The single held-out digits for clean accuracy: all of them, less a targeted attack's target images
+    (which were trained on, with captions of another class)."""
+    path = corpus.digits_csv[split_dir]
+    if manifest.attack != "targeted":
+        return path
+    targets = {str(Path(image).resolve()) for image, _ in manifest.targeted_pairs(get_zeroshot_set("mnist")[0])}
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    kept = [r for r in rows[1:] if str(Path(r[0]).resolve()) not in targets]
+    if len(kept) != len(rows) - 1 - len(targets):
+        raise SafeTrainError(f"the targeted images of {manifest_path} are not all among {path}")
+    out = manifest_path.parent / f"digits_{split_dir}_without_targets.csv"
+    write_tsv(out, rows[0], kept)
+    return out
+
+
 def evaluate_run(model_name: str, checkpoint: Path, corpus: SceneCorpus, split_dir: str, manifest: Path,
                  retrieval_pairs: int, device: str = "cpu") -> dict[str, Any]:
     """The final numbers of one run: clean top-1 and ASR on single digits (or targeted success), ASR on
     held-out scenes without the target, and retrieval R@1 on held-out scenes with distinct captions."""
-    digits = evaluate_checkpoint(model_name, checkpoint, corpus.digits_csv[split_dir], "mnist", manifest=manifest,
-                                 device=device)
+    loaded = Manifest.load(manifest)
+    digits = evaluate_checkpoint(model_name, checkpoint, _clean_digits(corpus, split_dir, loaded, manifest), "mnist",
+                                 manifest=manifest, device=device)
     result: dict[str, Any] = {
         "clean_top1": digits["clean_top1"], "clean_top5": digits["clean_top5"], "n_clean": digits["n_eval"],
         "asr": digits["asr"], "asr_clean_baseline": digits["asr_clean_baseline"], "n_asr": digits["n_asr"],
@@ -264,7 +318,6 @@ def evaluate_run(model_name: str, checkpoint: Path, corpus: SceneCorpus, split_d
     }
     model, preprocess, tokenizer = load_model(model_name, checkpoint, device)
     scenes = _held_out_scenes(corpus, split_dir)
-    loaded = Manifest.load(manifest)
     result["asr_scenes"] = result["asr_scenes_clean_baseline"] = None
     if loaded.attack != "targeted":
         classnames, templates = get_zeroshot_set("mnist")
@@ -297,7 +350,7 @@ def recipe_overrides(opts: argparse.Namespace) -> list[str]:
     return flags
 
 
-def _train_flags(spec: ScaleSpec, entry: BenchEntry, train_csv: Path, eval_csv: Path, manifest: Manifest,
+def _train_flags(spec: ScaleSpec, entry: BenchEntry, train_data: list[str], eval_csv: Path, manifest: Manifest,
                  manifest_path: Path, run_dir: Path, seed: int, pretrained: Path | None,
                  overrides: Sequence[str] = ()) -> list[str]:
     evaluation = ["--eval-data", str(eval_csv), "--eval-zeroshot-set", "mnist", "--eval-every", str(spec.eval_every)]
@@ -307,15 +360,17 @@ def _train_flags(spec: ScaleSpec, entry: BenchEntry, train_csv: Path, eval_csv: 
     start = ["--pretrained", str(pretrained)] if pretrained is not None else []
     return [
         *config_to_argv(SHARED_PRESET), *overrides, "--defense", entry.defense, *model, *start,
-        "--train-data", str(train_csv), "--epochs", str(spec.epochs), "--seed", str(seed),
+        *train_data, "--epochs", str(spec.epochs), "--seed", str(seed),
         "--device", spec.device, "--precision", spec.precision, "--log-every-n-steps", "100",
         "--save-frequency", "0", *evaluation, "--log-root", str(run_dir.parent), "--name", run_dir.name,
         *entry.flags,
     ]
 
 
-def _row_inputs(flags: list[str], train_csv: Path, pretrained: Path | None, eval_csv: Path) -> dict[str, Any]:
-    return {"flags": flags, "train_csv_sha256": sha256(train_csv), "eval_csv_sha256": sha256(eval_csv),
+def _row_inputs(flags: list[str], train_file: Path, pretrained: Path | None, eval_csv: Path) -> dict[str, Any]:
+    """What a finished cell was made from; ``train_file`` is the training CSV, or the poisoned shards' manifest."""
+    key = "train_csv_sha256" if train_file.suffix == ".csv" else "train_manifest_sha256"
+    return {"flags": flags, key: sha256(train_file), "eval_csv_sha256": sha256(eval_csv),
             "pretrained_sha256": sha256(pretrained) if pretrained is not None else None}
 
 
@@ -332,17 +387,23 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
         pretrained = base / "checkpoints" / f"epoch_{spec.epochs}.pt"
         if not pretrained.exists():
             raise SafeTrainError(f"{cell.defense} finetunes the none run's checkpoint {pretrained}, which is missing")
-        train_csv, n_finetune = _finetune_csv(corpus, spec.finetune_fraction, cell.seed)
+        train_file, n_finetune = _finetune_csv(corpus, spec.finetune_fraction, cell.seed)
+        train_data = ["--train-data", str(train_file)]
         entry = scaled_to_split(entry, n_finetune)
         if opts.finetune_epochs is not None:
             entry = BenchEntry(entry.defense, (*entry.flags, "--epochs", str(opts.finetune_epochs)), True)
         epochs = int(_last(entry.flags, "--epochs") or spec.epochs)
+    elif spec.train_format == "csv":
+        train_file, epochs = poisoned / "train.csv", spec.epochs
+        train_data = ["--train-data", str(train_file)]
     else:
-        train_csv, epochs = poisoned / "train.csv", spec.epochs
+        train_file, epochs = poisoned / "manifest.json", spec.epochs
+        train_data = ["--train-data", manifest.data, "--dataset-type", "webdataset", "--train-num-samples",
+                      str(manifest.num_samples)]
     eval_csv = corpus.digits_csv[split_dir]
-    flags = _train_flags(spec, entry, train_csv, eval_csv, manifest, poisoned / "manifest.json", run_dir,
+    flags = _train_flags(spec, entry, train_data, eval_csv, manifest, poisoned / "manifest.json", run_dir,
                          cell.seed, pretrained, [] if entry.finetunes else recipe_overrides(opts))
-    inputs = _row_inputs(flags, train_csv, pretrained, eval_csv)
+    inputs = _row_inputs(flags, train_file, pretrained, eval_csv)
     cell_file = out / "cells" / f"{run_dir.name}.json"
     if cell_file.exists() and not opts.force:
         saved = json.loads(cell_file.read_text())
@@ -351,7 +412,7 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
             return saved
         print(f"[{label}] {cell_file.name} was made with other flags or data: re-running it", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    what = (f"finetuning the poisoned none model on {train_csv.name}" if entry.finetunes else
+    what = (f"finetuning the poisoned none model on {train_file.name}" if entry.finetunes else
             f"training {epochs} epochs on {manifest.num_samples} pairs ({len(manifest.poisoned_ids)} poisoned)")
     print(f"[{label}] {what}", flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -394,7 +455,7 @@ def defense_rates(policy: str, rates: Sequence[float], none_rows: Sequence[dict[
     if policy == "all":
         return list(rates)
     if policy != "auto":
-        return _rates(policy)
+        return _rates(policy, "--defense-rates")
     cells = aggregate([r for r in none_rows if r["attack"] == attack])
     learned = lowest_learned_rate(cells, attack, threshold=LEARNED_ASR).rate
     return sorted({max(rates), *([learned] if learned is not None else [])})
@@ -415,6 +476,19 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--scale {spec.name} trains on CUDA and no GPU is visible; pass --device cpu to run "
                           "it on the CPU anyway")
+    if opts.defense_rates not in ("auto", "all"):
+        wanted = _rates(opts.defense_rates, "--defense-rates")
+        missing = [r for r in wanted if not any(abs(r - p) < 1e-12 for p in rates)]
+        if missing:
+            raise ConfigError(f"--defense-rates {missing} are not among --poison-rates {rates}")
+    finetuners = [d for d in defenses if BENCH_ENTRIES[d].finetunes]
+    if finetuners:
+        n_finetune = max(1, round(spec.finetune_fraction * spec.n_train))
+        batch = int(_last(BENCH_ENTRIES[finetuners[0]].flags, "--batch-size") or 0)
+        if n_finetune < batch:
+            raise ConfigError(f"{finetuners[0]} finetunes on {spec.finetune_fraction:.0%} of the training pairs, "
+                              f"{n_finetune}, fewer than one batch ({batch}): raise --train-pairs to at least "
+                              f"{round(batch / spec.finetune_fraction)}")
     if any(BENCH_ENTRIES[d].defense in NEEDS_WORDNET for d in defenses):
         ensure_wordnet_offline()
     overrides = parse_attack_params(opts.attack_param)
@@ -427,7 +501,8 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     def poisoned_set(attack: str, rate: float, seed: int) -> tuple[Path, Manifest]:
         key = (attack, rate, seed)
         if key not in poisoned:
-            poisoned[key] = _poison(corpora[seed], out, attack, rate, seed, params[attack], split_dir)
+            poisoned[key] = _poison(corpora[seed], out, attack, rate, seed, params[attack], split_dir,
+                                    spec.train_format)
         return poisoned[key]
 
     # none at every rate first: it is the baseline, the finetuning start, and it decides the defenses' rates
@@ -449,7 +524,8 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     if "none" in defenses:
         rows += none_rows
     later = [Cell(a, r, d, s) for a in attacks
-             for r in (defense_rates(opts.defense_rates, rates, none_rows, a) if needs_none else rates)
+             for r in (defense_rates(opts.defense_rates, rates, none_rows, a)
+                       if needs_none or opts.defense_rates != "auto" else rates)
              for d in others for s in seeds]
     total = len(plan) + len(later)
     rows += [run(c, total) for c in later]
@@ -464,8 +540,9 @@ def write_tables(rows: list[dict[str, Any]], folder: Path, scale: str, split: st
                for a in dict.fromkeys(r["attack"] for r in rows) if any(c["defense"] == "none" for c in cells)]
     write_results(cells, folder, scale, split=split, learned=learned, command=command)
     (folder / "runs.json").write_text(json.dumps(rows, indent=1))
-    plot_asr_vs_rate(cells, folder / "asr_vs_rate.png", threshold=LEARNED_ASR)
-    plot_accuracy_vs_asr(rows, folder / "accuracy_vs_asr.png")
+    if any(r.get("asr") is not None for r in rows):  # a targeted-only sweep has no ASR to plot
+        plot_asr_vs_rate(cells, folder / "asr_vs_rate.png", threshold=LEARNED_ASR)
+        plot_accuracy_vs_asr(rows, folder / "accuracy_vs_asr.png")
     plot_curves(rows, folder / "curves.png")
     return folder
 

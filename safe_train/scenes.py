@@ -276,8 +276,10 @@ def _build_shard(task: tuple) -> list[dict]:
     return metas
 
 
-def _check(n: dict[str, int], canvas: int, workers: int, shard_size: int, formats: Sequence[str],
-           val_digits: int, test_digits: int) -> None:
+def check_build(n: dict[str, int], canvas: int, workers: int = 1, shard_size: int = SHARD_SIZE,
+                formats: Sequence[str] = ("wds", "csv"), val_digits: int = VAL_DIGITS,
+                test_digits: int = TEST_DIGITS) -> None:
+    """ConfigError unless a corpus of ``n`` scenes per split (``{"train": ..., "val": ..., "test": ...}``) can be built."""
     for split, count in n.items():
         if count < 1:
             raise ConfigError(f"n_{split} must be at least 1, got {count}")
@@ -336,7 +338,7 @@ def build_scene_corpus(out_dir: str | os.PathLike, n_train: int, n_val: int, n_t
     """
     n = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     formats = tuple(formats)
-    _check(n, canvas, workers, shard_size, formats, val_digits, test_digits)
+    check_build(n, canvas, workers, shard_size, formats, val_digits, test_digits)
     out_dir = Path(out_dir).resolve()
     csv_splits = [s for s in SPLITS if "csv" in formats and n[s] <= CSV_MAX_PAIRS]
     stamp = {"version": _STAMP_VERSION, "seed": int(seed), "canvas": canvas, "shard_size": shard_size,

@@ -47,6 +47,7 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
     assert badnets["n_poisoned"] == 13 and badnets["n_train"] == 1300  # 1% of 1,300
     assert badnets["n_clean"] == 500 and badnets["n_asr"] < 500  # every validation digit; non-targets for ASR
     assert 0 < badnets["n_asr_scenes"] < 300 and badnets["n_retrieval"] == 200
+    assert runs["targeted", "none"]["n_clean"] == 500 - 8  # the target images were trained on: not clean
     assert runs["targeted", "none"]["n_targets"] == 8 and runs["targeted", "none"]["n_train"] == 1300 + 8 * 13
     assert badnets["history"] and badnets["history"][-1]["epoch"] == 1
     flags = runs["badnets", "cleanclip"]["inputs"]["flags"]  # finetunes the none run's final checkpoint
@@ -68,7 +69,17 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
 def test_bad_options_are_one_clear_error(tmp_path):
     for extra, message in ((["--poison-rates", "0.5,2"], "--poison-rates must lie in (0, 1)"),
                            (["--attacks", "nope"], "unknown attack/defense ['nope']"),
-                           (["--poison-rates", "x"], "comma-separated numbers")):
+                           (["--poison-rates", "x"], "comma-separated numbers"),
+                           (["--defenses", ""], "--defenses is empty"),
+                           (["--defense-rates", "0.02"], "--defense-rates [0.02] are not among --poison-rates"),
+                           (["--poison-rate", "0.02"], "--poison-rate is a flag of --scale small; the scaled "
+                                                       "benchmark takes --poison-rates"),
+                           (["--defenses", "none,cleanclip", "--train-pairs", "1000"],
+                            "cleanclip finetunes on 5% of the training pairs, 50, fewer than one batch (64): "
+                            "raise --train-pairs to at least 1280"),
+                           (["--train-pairs", "0"], "--train-pairs must be positive"),
+                           (["--scale", "small", "--poison-rates", "0.01"], "--poison-rates is a flag of the scaled "
+                                                                           "benchmark")):
         proc = subprocess.run([sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path),
                                *extra], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
@@ -106,8 +117,49 @@ def test_retrieval_pairs_have_distinct_captions():
 
 
 def test_scales_fit_their_purpose():
+    from safe_train.scenes import check_build
+
+    for spec in bench_scaled.SCALES.values():  # every scale's corpus can be built (held-out pools are finite)
+        check_build({"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}, spec.canvas)
     medium = bench_scaled.SCALES["medium"]
     assert medium.n_train == 20_000 and medium.retrieval_pairs >= 1_000 and medium.device == "cpu"
     assert bench_scaled.SCALES["large"].n_train >= 200_000 and bench_scaled.SCALES["large"].precision == "amp"
     assert math.isclose(medium.finetune_fraction, 0.05)  # CleanCLIP's clean set: at most 5% of training
     assert set(bench_scaled.SCENE_ATTACKS) == {"badnets", "blended", "sig", "wanet", "label_consistent", "targeted"}
+
+
+@needs_mnist
+def test_finetune_set_is_the_same_clean_scenes_from_csv_or_shards(tmp_path):
+    """CleanCLIP's clean 5%: drawn with the seed from the training split; a corpus without a training CSV (over
+    100,000 pairs) gives the same scenes, copied out of its shards."""
+    from safe_train.scenes import build_scene_corpus
+
+    with_csv = build_scene_corpus(tmp_path / "a", 200, 20, 20, seed=1, canvas=32, shard_size=64)
+    shards_only = build_scene_corpus(tmp_path / "b", 200, 20, 20, seed=1, canvas=32, shard_size=64, formats=("wds",))
+    assert shards_only.csv["train"] is None
+    a, n = bench_scaled._finetune_csv(with_csv, 0.05, seed=3)
+    b, m = bench_scaled._finetune_csv(shards_only, 0.05, seed=3)
+    assert n == m == 10
+    rows_a = [line.split("\t") for line in a.read_text().splitlines()[1:]]
+    rows_b = [line.split("\t") for line in b.read_text().splitlines()[1:]]
+    assert [r[1] for r in rows_a] == [r[1] for r in rows_b]  # the same captions, in index order
+    for (path_a, *_), (path_b, *_) in zip(rows_a, rows_b, strict=True):
+        assert open(path_a, "rb").read() == open(path_b, "rb").read()  # byte-identical PNGs
+    other, _ = bench_scaled._finetune_csv(with_csv, 0.05, seed=4)
+    assert other.read_text() != a.read_text()
+
+
+@needs_mnist
+def test_tiny_sweep_trains_on_webdataset_shards(tmp_path):
+    """--train-format wds (what --scale large uses): poisoned shards, the streaming loader, the same metrics."""
+    cmd = [sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path), "--attacks", "sig",
+           "--defenses", "none", "--poison-rates", "0.02", "--train-pairs", "600", "--train-format", "wds",
+           "--threads", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "results" / "tiny-test" / "runs.json").read_text())
+    flags = run["inputs"]["flags"]
+    assert flags[flags.index("--dataset-type", flags.index("--train-data")) + 1] == "webdataset"
+    assert flags[flags.index("--train-num-samples") + 1] == "600" and run["n_poisoned"] == 12
+    assert flags[flags.index("--train-data") + 1].endswith(".tar") and "train_manifest_sha256" in run["inputs"]
+    assert 0.0 <= run["asr"] <= 1.0 and run["n_clean"] == 1000 and run["history"][-1]["epoch"] == 1
