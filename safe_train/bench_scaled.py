@@ -43,6 +43,7 @@ from safe_train.bench_runs import (
     SHARED_PRESET,
     BenchEntry,
     ensure_wordnet_offline,
+    flag_value,
     parse_attack_params,
     read_history,
     run_training,
@@ -392,7 +393,7 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
         entry = scaled_to_split(entry, n_finetune)
         if opts.finetune_epochs is not None:
             entry = BenchEntry(entry.defense, (*entry.flags, "--epochs", str(opts.finetune_epochs)), True)
-        epochs = int(_last(entry.flags, "--epochs") or spec.epochs)
+        epochs = int(flag_value(entry.flags, "--epochs") or spec.epochs)
     elif spec.train_format == "csv":
         train_file, epochs = poisoned / "train.csv", spec.epochs
         train_data = ["--train-data", str(train_file)]
@@ -439,11 +440,6 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
     return row
 
 
-def _last(flags: Sequence[str], name: str) -> str | None:
-    hits = [i for i, f in enumerate(flags) if f == name]
-    return flags[hits[-1] + 1] if hits else None
-
-
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -484,7 +480,7 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     finetuners = [d for d in defenses if BENCH_ENTRIES[d].finetunes]
     if finetuners:
         n_finetune = max(1, round(spec.finetune_fraction * spec.n_train))
-        batch = int(_last(BENCH_ENTRIES[finetuners[0]].flags, "--batch-size") or 0)
+        batch = int(flag_value(BENCH_ENTRIES[finetuners[0]].flags, "--batch-size") or 0)
         if n_finetune < batch:
             raise ConfigError(f"{finetuners[0]} finetunes on {spec.finetune_fraction:.0%} of the training pairs, "
                               f"{n_finetune}, fewer than one batch ({batch}): raise --train-pairs to at least "
