@@ -10,6 +10,7 @@ and callbacks' flags come from their registries (plugins included), each from it
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from safe_train import openclip as oc
 from safe_train.errors import ConfigError
 from safe_train.interface import Callback, Defense
 from safe_train.registry import CALLBACKS, DEFENSES
@@ -46,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "'sample_id' column), e.g. written by `python -m safe_train.detect`.")
     group.add_argument("--track-samples", action="store_true",
                        help="Count how often each sample id reaches the loss (columns times_seen, last_epoch).")
+    steps = parser.add_argument_group("step checkpoints and preemption")
+    steps.add_argument("--save-every-n-steps", type=int, default=0, metavar="N",
+                       help="Also write a mid-epoch checkpoint every N optimizer steps (0: off). "
+                            "`--resume latest` resumes from it exactly.")
+    steps.add_argument("--save-every-minutes", type=float, default=0.0, metavar="M",
+                       help="Also write a mid-epoch checkpoint every M minutes of training (0: off).")
+    steps.add_argument("--keep-step-checkpoints", type=int, default=2, metavar="K",
+                       help="How many step checkpoints to keep (newest first; default 2).")
     for _, callback in CALLBACKS.items():
         callback.add_arguments(parser)
     for _, defense in DEFENSES.items():
@@ -93,6 +103,12 @@ def _flag_tokens(key: str, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
+def known_flags() -> set[str]:
+    """Every long flag safe-train or open_clip_train accepts (what a config key may be)."""
+    ours = {opt for action in build_parser()._actions for opt in action.option_strings}
+    return ours | oc.upstream_option_strings()
+
+
 def config_to_argv(path: str | os.PathLike) -> list[str]:
     """Flags from a YAML file or packaged preset, in file order."""
     path = resolve_config(path)
@@ -105,9 +121,16 @@ def config_to_argv(path: str | os.PathLike) -> list[str]:
     if not isinstance(content, dict):
         raise ConfigError(f"config file {path} must be a mapping of flag names to values, got {type(content).__name__}")
     tokens: list[str] = []
+    known = known_flags()
     for key, value in content.items():
         if key == "config":
             raise ConfigError(f"config file {path}: nested 'config' keys are not supported")
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            hint = f" (did you mean {close[0][2:]!r}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}; keys are safe-train or "
+                              f"open_clip_train flag names")
         tokens += _flag_tokens(key, value)
     return tokens
 

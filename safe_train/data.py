@@ -4,18 +4,26 @@ Batches are dicts of tensors: ``image``, ``text`` (OpenCLIP's pair) plus whateve
 sample transform adds, and ``sample_id`` (int64). CSV samples are identified by their data row;
 webdataset samples by a hash of shard name and ``__key__`` (see :mod:`safe_train.sample_ids`).
 
-Unreadable samples never stop a run and are never lost silently: they are skipped, logged and
-counted in a :class:`SkipCounter` shared with the data-loader workers.
+Unreadable samples and shards are never lost silently: they are skipped, logged (by shard and key for
+webdataset) and counted in a :class:`SkipCounter` shared with the data-loader workers. A bad sample never
+stops a run; data of which nothing can be read does, with one clear error. Batches carry a cursor
+(:mod:`safe_train.resume`) so that a step checkpoint can resume the stream exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import json
 import logging
 import math
 import multiprocessing
+import os
 import random
-from collections.abc import Iterator
+import re
+import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +31,26 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, default_collate, get_worker_info
 
 from safe_train import openclip as oc
-from safe_train.errors import DataError
+from safe_train.attacks.datasets import IMAGE_EXTS as _IMAGE_EXTS
+from safe_train.attacks.datasets import split_member_name
+from safe_train.errors import DataError, SafeTrainError
 from safe_train.interface import SampleTransform, Selection
+from safe_train.resume import (
+    RAW_INDEX,
+    SKIPPED,
+    AttachCursor,
+    CountRawSamples,
+    KeepFirstSelected,
+    ResumableBatchSampler,
+    ResumeSkip,
+    StreamCursor,
+    WorkerRngRestore,
+    collate_with_cursor,
+    fetch_batch,
+)
 from safe_train.sample_ids import webdataset_sample_id
 
 log = logging.getLogger(__name__)
@@ -36,18 +59,32 @@ MAX_CONSECUTIVE_BAD = 16
 
 
 class SkipCounter:
-    """A process-shared count of skipped samples (works across forked data-loader workers)."""
+    """Process-shared counts of what the data could not deliver (works across forked data-loader workers).
+
+    ``value`` is the number of lost samples: unreadable, without caption or image, or in a shard that could
+    not be read (as many as sizes.json says it held). ``shards`` counts unreadable or truncated webdataset
+    shards whose loss in samples is unknown (no sizes.json entry); their samples are not in ``value``.
+    """
 
     def __init__(self) -> None:
         self._value = multiprocessing.Value("q", 0)
+        self._shards = multiprocessing.Value("q", 0)
 
     def add(self, n: int = 1) -> None:
         with self._value.get_lock():
             self._value.value += n
 
+    def add_shard(self, n: int = 1) -> None:
+        with self._shards.get_lock():
+            self._shards.value += n
+
     @property
     def value(self) -> int:
         return int(self._value.value)
+
+    @property
+    def shards(self) -> int:
+        return int(self._shards.value)
 
 
 class OpenClipTransform:
@@ -104,9 +141,18 @@ class IdCsvDataset(Dataset):
         self.ids, self.images, self.captions = read_caption_csv(path, img_key, caption_key, sep)
         self.transform = transform
         self.skip_counter = skip_counter
+        self.rng_restore = WorkerRngRestore()
+        self.with_cursor = False  # csv_loader's batches carry cursors; other users get plain samples
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch (the DataLoader's batched fetch): placeholders for batches a resumed run already trained
+        on, else the samples with the producing worker's cursor (:mod:`safe_train.resume`)."""
+        if not self.with_cursor:
+            return [self[i] for i in indices]
+        return fetch_batch(self, indices, self.rng_restore)
 
     def positions(self, selection: Selection | None) -> np.ndarray:
         """Dataset positions of the samples a selection allows."""
@@ -184,6 +230,15 @@ class LoaderInfo:
     shared_epoch: Any = None
     skip_counter: SkipCounter | None = None
     needs_rank_sync: bool = False
+    arm: Callable[[ResumeSkip, int], None] | None = None
+    persistent_workers: bool = False  # workers (and their RNG) live from one epoch to the next
+
+    def arm_resume(self, skip: ResumeSkip, epoch: int) -> None:
+        """Make the next iterator skip what a step checkpoint's run already trained on (see
+        :mod:`safe_train.resume`)."""
+        if self.arm is None:
+            raise DataError("this training data cannot resume in the middle of a pass")
+        self.arm(skip, epoch)
 
     def set_epoch(self, epoch: int) -> None:
         if self.shared_epoch is not None:
@@ -206,52 +261,253 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
     if dataset is not None and dataset.transform is not transform:
         # loaders of one epoch are built before any is read: each keeps its own transform
         dataset = copy.copy(dataset)
+        dataset.rng_restore = WorkerRngRestore()
     dataset = dataset or IdCsvDataset(args.train_data, transform, args.csv_img_key, args.csv_caption_key,
                                       args.csv_separator, skip_counter)
     dataset.transform = transform
     dataset.skip_counter = skip_counter
+    dataset.with_cursor = True
     if upstream_order and selection is None and not complete:
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset) if args.distributed else None
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                            num_workers=args.workers, pin_memory=True, drop_last=True, collate_fn=default_collate)
+        # what DataLoader(shuffle=True / sampler=DistributedSampler, drop_last=True) builds, same RNG draws
+        sampler = (torch.utils.data.distributed.DistributedSampler(dataset) if args.distributed
+                   else RandomSampler(dataset))
         num_samples = len(dataset)
     else:
         sampler = EpochSeededSampler(dataset.positions(selection), args.batch_size, args.rank, args.world_size,
                                      args.seed, salt, complete=complete)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                            pin_memory=True, drop_last=True, collate_fn=default_collate)
         num_samples = len(sampler.positions)
+    batches = ResumableBatchSampler(sampler, args.batch_size, drop_last=True)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=True,
+                        collate_fn=collate_with_cursor)
     loader.num_samples = num_samples
     loader.num_batches = len(loader)
-    return LoaderInfo(loader, sampler=sampler, skip_counter=skip_counter)
+
+    def arm(skip: ResumeSkip, epoch: int) -> None:
+        batches.skip = skip.batches
+        dataset.rng_restore.arm(skip.worker_rng)
+
+    return LoaderInfo(loader, sampler=sampler, skip_counter=skip_counter, arm=arm)
 
 
 # ---------------------------------------------------------------------------------------------
 # webdataset
 # ---------------------------------------------------------------------------------------------
-class CountingHandler:
-    """webdataset error handler: log, count, continue — but stop a stream that yields nothing usable.
+IMAGE_EXTS = _IMAGE_EXTS  # OpenCLIP's rename(image="jpg;png;jpeg;webp"): the first present is the image
+WARN_FIRST = 20  # warnings of one kind logged in full per process ...
+WARN_EVERY = 1000  # ... then one summary line every this many
 
-    (``with_epoch`` restarts an exhausted pipeline, so a shard set where every sample fails would
-    otherwise spin forever.)
+
+def _where(rank: int | None = None) -> str:
+    """The process a message comes from (every data-loader worker reads its own shards)."""
+    info = get_worker_info()
+    who = f"data-loader worker {info.id}" if info is not None else "the data loader"
+    return who if rank is None else f"{who} of rank {rank}"
+
+
+class WarningLimiter:
+    """Logs the first ``first`` warnings of each kind in full, then one summary every ``every``.
+
+    A broken dataset must not bury the log under hundreds of thousands of lines. Each worker process holds
+    its own copy, so the limits apply per worker.
+    """
+
+    def __init__(self, first: int = WARN_FIRST, every: int = WARN_EVERY) -> None:
+        self.first = first
+        self.every = every
+        self.counts: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str) -> None:
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= self.first:
+            log.warning(message)
+            if n == self.first:
+                log.warning(f"{_where()}: further warnings of kind '{kind}' are summarised every {self.every}")
+        elif n % self.every == 0:
+            log.warning(f"{_where()}: {n} warnings of kind '{kind}' so far; latest: {message}")
+
+
+class CountingHandler:
+    """Counts and logs every lost webdataset sample, and stops a stream that yields nothing usable.
+
+    (``with_epoch`` restarts an exhausted pipeline and resampled shards never run out, so a shard set where
+    every sample fails would otherwise spin forever.) Calling it with an exception makes it a webdataset
+    ``handler=``.
     """
 
     max_consecutive = 1000
 
-    def __init__(self, counter: SkipCounter) -> None:
+    def __init__(self, counter: SkipCounter, warnings: WarningLimiter | None = None) -> None:
         self.counter = counter
+        self.warnings = warnings or WarningLimiter()
         self.consecutive = 0
 
     def __call__(self, exn: Exception) -> bool:
-        log.warning(f"skipping unreadable webdataset sample: {exn!r}")
+        self.lost("unreadable sample", f"skipping unreadable webdataset sample: {exn!r}")
+        return True
+
+    def lost(self, kind: str, message: str) -> None:
+        """One sample lost: count it, warn (rate-limited), stop after too many in a row."""
+        self.warnings.warn(kind, message)
         self.counter.add()
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
-            raise DataError(f"{self.consecutive} consecutive webdataset samples failed to load; last error: {exn!r}")
-        return True
+            raise DataError(f"{self.consecutive} consecutive webdataset samples could not be used ({_where()}); "
+                            f"last: {message}")
 
     def success(self) -> None:
         self.consecutive = 0
+
+
+def _member_key(name: str) -> tuple[str | None, str | None]:
+    """(sample key, lower-cased extension) of a tar member as webdataset groups it; (None, None) to skip it."""
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return None, None  # webdataset's metadata members
+    return split_member_name(name)
+
+
+def _tar_samples(stream: Any, url: str) -> Iterator[dict]:
+    """One shard's samples: consecutive members sharing a key, as OpenCLIP's ``group_by_keys_nothrow``
+    groups them (a repeated extension starts a new sample), but never merged across two shards."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    current: dict | None = None
+    for member in tar:
+        if not member.isreg():
+            continue
+        key, ext = _member_key(member.name)
+        if key is None:
+            continue
+        if current is None or key != current["__key__"] or ext in current:
+            if current is not None and not current.get("__bad__"):
+                yield current  # complete before the next member is read: a fault there cannot lose it
+            current = {"__key__": key, "__url__": url}
+        current[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]  # a regular member has a file
+        tar.members = []  # a stream's member list would grow with the shard
+    if current is not None and not current.get("__bad__"):
+        yield current
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, without the in-memory file PIL names in place of the sample."""
+    return f"{type(error).__name__}: " + re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image data", str(error))
+
+
+def _listing(failures: dict[str, str], limit: int = 4) -> str:
+    """``url (cause), ...`` for the first ``limit`` failures, then how many more."""
+    items = [f"{url} ({cause})" for url, cause in list(failures.items())[:limit]]
+    more = len(failures) - limit
+    return ", ".join(items) + (f" and {more} more" if more > 0 else "")
+
+
+class ShardReader(oc.wds.PipelineStage):
+    """Shard urls → samples (replaces OpenCLIP's ``tarfile_to_samples_nothrow``), every shard fault counted.
+
+    OpenCLIP's reader only logs a missing, unreadable or truncated shard and moves on; here each one is named
+    in a warning and counted in the :class:`SkipCounter`: as the samples sizes.json gives the shard minus
+    those read before the fault (a shard that ends early without an error is caught this way too). When
+    sizes.json does not give the shard's size, the loss in samples is unknown and the shard is counted in
+    ``SkipCounter.shards`` instead. Samples are counted each time a pass tries to read them.
+    ``max_consecutive`` shards in a row without a sample stop the run with a :class:`DataError` (resampled
+    shards never end a pass, so a pass-level check alone would not fire).
+    """
+
+    max_consecutive = 100
+
+    def __init__(self, counter: SkipCounter, sizes: dict[str, int], warnings: WarningLimiter) -> None:
+        self.counter = counter
+        self.sizes = sizes
+        self.warnings = warnings
+        self.empty_in_a_row = 0
+        self.empty_streak: dict[str, str] = {}  # the first shards of the current streak, for the message
+        self.pass_shards = 0
+        self.pass_samples = 0
+        self.pass_failures: dict[str, str] = {}
+
+    def run(self, src: Iterator[dict]) -> Iterator[dict]:
+        self.pass_shards, self.pass_samples, self.pass_failures = 0, 0, {}
+        for item in src:
+            yield from self._read(item["url"])
+
+    def _read(self, url: str) -> Iterator[dict]:
+        self.pass_shards += 1
+        read = 0
+        error: Exception | None = None
+        try:
+            stream = oc.wds.gopen(url)
+        except Exception as e:  # any reason a shard cannot be opened is a lost shard
+            error = e
+        else:
+            try:
+                for sample in _tar_samples(stream, url):
+                    read += 1
+                    self.pass_samples += 1
+                    yield sample
+            except Exception as e:  # not a tar, truncated, I/O error, bad compression, ...
+                error = e
+            finally:
+                with contextlib.suppress(Exception):
+                    stream.close()
+        self._account(url, read, error)
+
+    def _account(self, url: str, read: int, error: Exception | None) -> None:
+        expected = self.sizes.get(url)
+        if error is not None and read == 0:
+            self.pass_failures[url] = _describe(error)
+        if read:
+            self.empty_in_a_row, self.empty_streak = 0, {}
+        else:
+            self.empty_in_a_row += 1
+            if len(self.empty_streak) < 4:
+                self.empty_streak[url] = _describe(error) if error is not None else "no sample in it"
+        if error is not None:
+            after = f" after {read} sample(s)" if read else ""
+            if expected is not None:
+                lost = max(expected - read, 0)
+                self.counter.add(lost)
+                message = (f"skipping webdataset shard {url}: {_describe(error)}{after}; {lost} of its {expected} "
+                           f"samples (sizes.json) lost")
+            else:
+                self.counter.add_shard()
+                message = (f"skipping webdataset shard {url}: {_describe(error)}{after}; samples lost: unknown "
+                           f"(no sizes.json entry), counted as a skipped shard")
+            self.warnings.warn("unreadable shard", message)
+        elif expected is not None and read < expected:
+            self.counter.add(expected - read)
+            self.warnings.warn("unreadable shard", f"webdataset shard {url} ended after {read} of its {expected} "
+                                                   f"samples (sizes.json): {expected - read} lost (truncated?)")
+        if self.empty_in_a_row >= self.max_consecutive:
+            raise DataError(f"{self.empty_in_a_row} webdataset shards in a row gave no sample ({_where()}), "
+                            f"starting with {_listing(self.empty_streak)}")
+
+    def describe_pass(self) -> str:
+        """Why a pass over this worker's shards gave nothing, for the error message."""
+        if self.pass_shards and len(self.pass_failures) >= self.pass_shards:
+            return f"none of its {self.pass_shards} shard(s) could be read: {_listing(self.pass_failures)}"
+        unreadable = f" ({_listing(self.pass_failures)} unreadable)" if self.pass_failures else ""
+        return (f"its {self.pass_shards} shard(s){unreadable} gave {self.pass_samples} sample(s) and none of them "
+                f"was usable or they were too few for one batch (see the warnings above)")
+
+
+class RequireCaptionAndImage(oc.wds.PipelineStage):
+    """Keeps the samples with a ``.txt`` caption and an image, as OpenCLIP's ``filter_no_caption_or_no_image``
+    does, but counts each dropped one and names it by shard and key (OpenCLIP drops them silently)."""
+
+    def __init__(self, handler: CountingHandler) -> None:
+        self.handler = handler
+
+    def run(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            missing = [what for what, present in (("caption (.txt)", "txt" in sample),
+                                                  ("image (.jpg/.png/.jpeg/.webp)",
+                                                   any(ext in sample for ext in IMAGE_EXTS)))
+                       if not present]
+            if missing:
+                if sample.get(SKIPPED):  # counted by the run that trained past it
+                    continue
+                self.handler.lost("sample without caption or image",
+                                  f"skipping webdataset sample {sample['__key__']!r} of {sample['__url__']}: "
+                                  f"no {' and no '.join(missing)}")
+                continue
+            yield sample
 
 
 _ID_KEY = "__sample_id__"  # dunder keys pass through webdataset's decoder untouched
@@ -271,6 +527,8 @@ class _Selected:
 
 
 class ApplyTransform:
+    """``wds.map`` stage of a pipeline that decoded and renamed (``image``, ``text``) before it."""
+
     def __init__(self, transform: SampleTransform, handler: CountingHandler) -> None:
         self.transform = transform
         self.handler = handler
@@ -282,28 +540,173 @@ class ApplyTransform:
         return out
 
 
-class _PaddedBatches(oc.wds.PipelineStage):
-    """Batches of exactly ``batch_size``; a stream's last partial batch is completed with its first samples.
+class PrepareSamples(oc.wds.PipelineStage):
+    """Decode (``pilrgb``), take the image and caption as OpenCLIP's ``rename`` does, apply the transform.
 
-    Used for selection passes, whose per-worker sample counts are not known in advance: nothing
-    selected is dropped, and at most ``batch_size - 1`` samples per worker are repeated.
+    One stage instead of webdataset's decode/rename/map so that a sample that fails is named by shard and key
+    in the warning (webdataset's handlers see only the exception, which names a ``BytesIO``).
+    """
+
+    def __init__(self, transform: SampleTransform, handler: CountingHandler) -> None:
+        self.transform = transform
+        self.handler = handler
+
+    def run(self, src: Iterator[dict]) -> Iterator[dict]:
+        decoder = oc.wds.autodecode.Decoder([oc.wds.autodecode.imagehandler("pilrgb")])
+        for sample in src:
+            try:
+                decoded = decoder(sample)
+                image = next(decoded[ext] for ext in IMAGE_EXTS if ext in decoded)
+                out = self.transform(image, decoded["txt"], sample[_ID_KEY])
+            except SafeTrainError:
+                raise
+            except Exception as e:  # a corrupt image, a bad caption encoding, ...
+                self.handler.lost("unreadable sample", f"skipping unreadable webdataset sample {sample['__key__']!r} "
+                                                       f"of {sample['__url__']}: {_describe(e)}")
+                continue
+            out["sample_id"] = sample[_ID_KEY]
+            out["__key__"] = sample["__key__"]  # as webdataset's map stage added it
+            if RAW_INDEX in sample:
+                out[RAW_INDEX] = sample[RAW_INDEX]
+            self.handler.success()
+            yield out
+
+
+class _RequireBatches(oc.wds.PipelineStage):
+    """A pass over the worker's shards that yields no batch is an error, not a reason to start another pass
+    (``with_epoch`` would restart it forever)."""
+
+    def __init__(self, reader: ShardReader, batch_size: int, rank: int) -> None:
+        self.reader = reader
+        self.batch_size = batch_size
+        self.rank = rank
+
+    def run(self, src: Iterator[Any]) -> Iterator[Any]:
+        batches = 0
+        for batch in src:
+            batches += 1
+            yield batch
+        if not batches:
+            raise DataError(f"no training batch of {self.batch_size} could be read from the webdataset "
+                            f"({_where(self.rank)}): {self.reader.describe_pass()}")
+
+
+def _is_local(url: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) is None  # no pipe:, http://, file:, s3:// ...
+
+
+def shard_sizes(urls: list[str]) -> dict[str, int]:
+    """url → sample count, from the sizes.json next to each shard (OpenCLIP's format, keyed by file name).
+
+    A missing, unreadable or malformed sizes.json gives no entries (with a warning for the latter two).
+    """
+    tables: dict[str, dict[str, int]] = {}
+    sizes: dict[str, int] = {}
+    for url in urls:
+        folder = os.path.dirname(url)
+        if folder not in tables:
+            tables[folder] = _read_sizes(os.path.join(folder, "sizes.json")) if _is_local(url) else {}
+        n = tables[folder].get(os.path.basename(url))
+        if n is not None:
+            sizes[url] = n
+    return sizes
+
+
+def _read_sizes(path: str) -> dict[str, int]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return {str(k): int(v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        log.warning(f"ignoring {path}: {_describe(e)}; lost samples of unreadable shards cannot be counted")
+        return {}
+
+
+def _require_some_shard(urls: list[str]) -> None:
+    """Local shards of which not one exists: stop before any worker starts (stops at the first one found)."""
+    if not urls or not all(_is_local(u) for u in urls):
+        return
+    if any(os.path.exists(u) for u in urls):
+        return
+    more = f" and {len(urls) - 4} more" if len(urls) > 4 else ""
+    raise DataError(f"none of the {len(urls)} training shard(s) exists: {', '.join(urls[:4])}{more}")
+
+
+def _worker_message(message: str) -> str:
+    """The original message of a :class:`DataError` that PyTorch re-raised from a worker (with the worker's
+    traceback folded into the message); other messages unchanged."""
+    if "Original Traceback" not in message:
+        return message
+    prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+    for line in reversed(message.strip().splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return message
+
+
+class _WdsLoader(oc.wds.WebLoader):
+    """WebLoader whose data errors from worker processes keep their one-line message."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._clean_errors(super().__iter__())
+
+    @staticmethod
+    def _clean_errors(batches: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from batches
+        except DataError as e:
+            raise DataError(_worker_message(str(e))) from None
+
+
+class _FullBatches(oc.wds.PipelineStage):
+    """``wds.batched(n, partial=False)`` without its read-ahead: a batch leaves as soon as it is full.
+
+    webdataset's batcher pulls (and so decodes and augments) the next batch's first sample before it
+    yields; that sample's augmentation would then draw from the RNG before the step that a mid-epoch
+    checkpoint records, and a resumed run could not repeat it.
     """
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
 
     def run(self, src):
-        first: list = []
         batch: list = []
         for sample in src:
-            if len(first) < self.batch_size:
-                first.append(sample)
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield default_collate(batch)
+                batch = []
+
+
+class _PaddedBatches(oc.wds.PipelineStage):
+    """Batches of exactly ``batch_size``; a stream's last partial batch is completed with its first samples.
+
+    Used for selection passes, whose per-worker sample counts are not known in advance: nothing
+    selected is dropped, and at most ``batch_size - 1`` samples per worker are repeated. The padding
+    samples are kept raw by :class:`~safe_train.resume.KeepFirstSelected` and prepared at the end, so a
+    run resumed in the middle of the pass pads exactly as the uninterrupted one.
+    """
+
+    def __init__(self, batch_size: int, cursor: StreamCursor, prepare: PrepareSamples) -> None:
+        self.batch_size = batch_size
+        self.cursor = cursor
+        self.prepare = prepare
+
+    def run(self, src):
+        batch: list = []
+        for sample in src:
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield default_collate(batch)
                 batch = []
         if batch:
-            padding = (first * self.batch_size)[: self.batch_size - len(batch)]
+            need = self.batch_size - len(batch)
+            raw = [dict(s) for s in self.cursor.first_raw * self.batch_size]
+            padding = list(itertools.islice(self.prepare.run(iter(raw)), need))
+            padding = (padding * self.batch_size)[:need] if padding else (batch * self.batch_size)[:need]
+            if RAW_INDEX in batch[0]:
+                padding = [{**p, RAW_INDEX: 0} for p in padding]  # padding does not advance the stream
             yield default_collate(batch + padding)
 
 
@@ -331,8 +734,12 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     """
     wds = oc.wds
     skip_counter = skip_counter or SkipCounter()
-    handler = CountingHandler(skip_counter)
     input_shards = args.train_data
+    urls = oc.expand_urls(input_shards)[0]
+    _require_some_shard(urls)
+    warnings = WarningLimiter()
+    handler = CountingHandler(skip_counter, warnings)
+    reader = ShardReader(skip_counter, shard_sizes(urls), warnings)
     resampled = getattr(args, "dataset_resampled", False)
     num_shards = None
     if args.train_num_samples is not None:
@@ -345,6 +752,7 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     if expected_samples is not None:
         num_samples = expected_samples
     shared_epoch = oc.SharedEpoch(epoch=epoch)
+    cursor = StreamCursor(shared_epoch)
     if resampled:
         pipeline = [oc.ResampledShards2(input_shards, weights=args.train_data_upsampling_factors,
                                         deterministic=True, epoch=shared_epoch)]
@@ -357,20 +765,24 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
             wds.split_by_worker,
         ]
     pipeline.extend([
-        oc.tarfile_to_samples_nothrow,
+        reader,
         _SeededSampleShuffle(oc.SAMPLE_SHUFFLE_SIZE, oc.SAMPLE_SHUFFLE_INITIAL, args.seed, args.rank, shared_epoch),
-        wds.select(oc.filter_no_caption_or_no_image),
+        # a resumed run drops what it trained on here, before anything is decoded (selection passes keep
+        # it marked until their padding is remembered)
+        CountRawSamples(cursor, keep_skipped=selection is not None),
+        RequireCaptionAndImage(handler),
         wds.map(attach_id),
     ])
+    prepare = PrepareSamples(transform, handler)
     if selection is not None:
-        pipeline.append(wds.select(_Selected(selection)))
+        pipeline.extend([wds.select(_Selected(selection)), KeepFirstSelected(cursor, args.batch_size)])
     pipeline.extend([
-        wds.decode("pilrgb", handler=handler),
-        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
-        wds.map(ApplyTransform(transform, handler), handler=handler),
-        wds.batched(args.batch_size, partial=False, collation_fn=default_collate) if selection is None
-        else _PaddedBatches(args.batch_size),
+        prepare,
+        _FullBatches(args.batch_size) if selection is None else _PaddedBatches(args.batch_size, cursor, prepare),
     ])
+    if selection is None:
+        pipeline.append(_RequireBatches(reader, args.batch_size, args.rank))
+    pipeline.append(AttachCursor(cursor))
     dataset = wds.DataPipeline(*pipeline)
     if not resampled:
         num_shards = num_shards or len(oc.expand_urls(input_shards)[0])
@@ -386,9 +798,10 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     if selection is None:
         dataset = dataset.with_epoch(num_worker_batches)
     # with a selection each worker reads its shards once; the batch count above is an estimate
-    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
-                           persistent_workers=persistent and args.workers > 0)
+    loader = _WdsLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
+                        persistent_workers=persistent and args.workers > 0)
     loader.num_batches = num_batches
     loader.num_samples = num_samples
     return LoaderInfo(loader, shared_epoch=shared_epoch, skip_counter=skip_counter,
-                      needs_rank_sync=selection is not None)
+                      needs_rank_sync=selection is not None, arm=cursor.arm,
+                      persistent_workers=persistent and args.workers > 0)

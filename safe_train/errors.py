@@ -16,6 +16,11 @@ EXIT_USAGE = 2
 """Exit code of every command for a :class:`SafeTrainError` (argparse uses the same for bad flags)."""
 
 
+EXIT_PREEMPTED = 75
+"""Exit code of a training run stopped by SIGUSR1/SIGTERM after writing a step checkpoint (sysexits'
+EX_TEMPFAIL: run it again with ``--resume latest``). ``slurm/train.sbatch`` requeues the job on it."""
+
+
 class SafeTrainError(Exception):
     """Bad input a user can fix: one line on stderr, exit code 2."""
 
@@ -46,6 +51,10 @@ class DetectError(SafeTrainError, ValueError):
 
 class CheckpointError(SafeTrainError, ValueError):
     """A checkpoint or its safe-train state that is missing, truncated or from another run."""
+
+
+class Preempted(Exception):
+    """A stop signal was handled: the step checkpoint is written and the run must exit with EXIT_PREEMPTED."""
 
 
 class WordNetMissingError(SafeTrainError, RuntimeError):

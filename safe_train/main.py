@@ -8,6 +8,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +17,9 @@ import torch
 
 from safe_train import openclip as oc
 from safe_train.args import build_parser, create_callbacks, create_defense, expand_configs, load_id_list
-from safe_train.engine import Engine
-from safe_train.errors import SafeTrainError, report
+from safe_train.checkpoint import unpickling_reason
+from safe_train.engine import Engine, StepCheckpointPolicy
+from safe_train.errors import EXIT_PREEMPTED, CheckpointError, Preempted, SafeTrainError, report
 from safe_train.model_configs import register_model_configs
 
 
@@ -36,8 +38,9 @@ def build_engine(argv: list[str]) -> tuple[Engine, list[str]]:
         upstream_argv += ["--logs", ours.log_root]
     blocklist = load_id_list(ours.blocklist) if ours.blocklist else None
     register_model_configs()
+    policy = StepCheckpointPolicy(ours.save_every_n_steps, ours.save_every_minutes, ours.keep_step_checkpoints)
     engine = Engine(create_defense(ours), create_callbacks(ours), blocklist=blocklist,
-                    track_samples=ours.track_samples)
+                    track_samples=ours.track_samples, step_checkpoints=policy)
     return engine, upstream_argv
 
 
@@ -51,16 +54,31 @@ def _log_to_files(message: str) -> None:
 
 def exit_status(run: Callable[[], Any]) -> int:
     """The process exit status of a training run: 0; 1 for OpenCLIP's ``-1`` error return (which its own
-    ``__main__`` ignores); 2 with one line on stderr for bad input (:class:`SafeTrainError`). The process
-    group is torn down either way."""
+    ``__main__`` ignores); 2 with one line on stderr for bad input (:class:`SafeTrainError`, a checkpoint
+    that is not plain weights); :data:`EXIT_PREEMPTED` after a stop signal and its step checkpoint. The
+    process group is torn down either way."""
+    root = logging.getLogger()
+    handlers_before = list(root.handlers)
     try:
         result = run()
+    except Preempted as e:
+        _log_to_files(f"safe-train: {e}")
+        print(f"safe-train: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except SafeTrainError as e:
         _log_to_files(f"safe-train: error: {e}")  # the run's out.log keeps it; stderr gets it once, below
         return report(e)
+    except pickle.UnpicklingError as e:  # --pretrained/--resume refused by torch.load(weights_only=True)
+        error = CheckpointError(f"refusing to load a checkpoint that is not plain weights "
+                                f"(torch.load weights_only=True): {unpickling_reason(e)}")
+        _log_to_files(f"safe-train: error: {error}")
+        return report(error)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        for handler in [h for h in root.handlers if h not in handlers_before]:  # OpenCLIP's setup_logging adds
+            root.removeHandler(handler)  # handlers per run: a second run in one process must not inherit them
+            handler.close()
     return 1 if isinstance(result, int) and result != 0 else 0
 
 
@@ -69,8 +87,11 @@ def _train(argv: list[str]) -> int:
         print_help()
         return 0
     engine, upstream_argv = build_engine(argv)
-    with oc.patched_openclip(engine):
-        return oc.run_openclip_main(upstream_argv)
+    try:
+        with oc.patched_openclip(engine):
+            return oc.run_openclip_main(upstream_argv)
+    finally:
+        engine.stop.uninstall()
 
 
 def main(argv: list[str] | None = None) -> int:

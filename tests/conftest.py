@@ -135,3 +135,6 @@ def wordnet(tmp_path_factory) -> None:
         pytest.fail(f"the tests need WordNet; installing it offline failed: {e}")
     os.environ["NLTK_DATA"] = os.pathsep.join(p for p in (str(dest), os.environ.get("NLTK_DATA", "")) if p)
     ensure_wordnet()
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (fixture: a private one-node Slurm for test_slurm.py)

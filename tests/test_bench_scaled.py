@@ -66,7 +66,15 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
 
 
 @needs_mnist
-def test_bad_options_are_one_clear_error(tmp_path):
+def test_bad_options_are_one_clear_error(tmp_path, capsys):
+    """Every case in-process (the same main() the command runs); the first also as a real subprocess."""
+    from safe_train import bench
+
+    proc = subprocess.run([sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path),
+                           "--poison-rates", "0.5,2"], cwd=REPO, env=base_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "--poison-rates must lie in (0, 1)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     for extra, message in ((["--poison-rates", "0.5,2"], "--poison-rates must lie in (0, 1)"),
                            (["--attacks", "nope"], "unknown attack/defense ['nope']"),
                            (["--poison-rates", "x"], "comma-separated numbers"),
@@ -80,10 +88,13 @@ def test_bad_options_are_one_clear_error(tmp_path):
                            (["--train-pairs", "0"], "--train-pairs must be positive"),
                            (["--scale", "small", "--poison-rates", "0.01"], "--poison-rates is a flag of the scaled "
                                                                            "benchmark")):
-        proc = subprocess.run([sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path),
-                               *extra], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr
+        try:
+            code = bench.main(["--scale", "tiny", "--out", str(tmp_path), *extra])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+        assert "Traceback" not in err
 
 
 def _none_row(attack, rate, seed, asr=None, targeted=None):
@@ -149,6 +160,7 @@ def test_finetune_set_is_the_same_clean_scenes_from_csv_or_shards(tmp_path):
     assert other.read_text() != a.read_text()
 
 
+@pytest.mark.slow  # ~45 s; the webdataset training path itself is covered in CI by test_sample_ids/test_step_resume
 @needs_mnist
 def test_tiny_sweep_trains_on_webdataset_shards(tmp_path):
     """--train-format wds (what --scale large uses): poisoned shards, the streaming loader, the same metrics."""

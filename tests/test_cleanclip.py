@@ -94,14 +94,16 @@ def test_finetune_from_checkpoint_logs_both_terms(csv_64, poisoned_checkpoint, t
     assert 0 < moved < 0.05
 
 
-def test_pretrained_checkpoint_with_pickled_objects_is_refused(csv_64, poisoned_checkpoint, tmp_path):
+@pytest.mark.parametrize("flag", ["--pretrained", "--resume"])
+def test_checkpoint_with_pickled_objects_is_refused_in_one_line(flag, csv_64, poisoned_checkpoint, tmp_path, capsys):
     ckpt = torch.load(poisoned_checkpoint, map_location="cpu", weights_only=True)
     ckpt["payload"] = _Recorder([])  # an arbitrary object: weights_only loading must refuse it
     evil = tmp_path / "evil.pt"
     torch.save(ckpt, evil)
-    flags = train_flags(csv_64, tmp_path, "evil", epochs=1, extra=["--defense", "cleanclip", "--pretrained", str(evil)])
-    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
-        run_safe_train(flags)
+    flags = train_flags(csv_64, tmp_path, "evil", epochs=1, extra=["--defense", "cleanclip", flag, str(evil)])
+    assert run_safe_train(flags) == 2  # one line on stderr, exit 2, no traceback
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safe-train: error:")]
+    assert len(errors) == 1 and "weights_only=True" in errors[0] and "_Recorder" in errors[0], errors
 
 
 def test_ss_weight_zero_is_plain_clip_finetuning(csv_64, tmp_path):

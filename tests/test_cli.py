@@ -56,16 +56,21 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert args.batch_size == 8 and args.lr == 0.001 and args.grad_checkpointing and args.aug_cfg == {"scale": [0.9, 1.0]}
 
 
-def test_malformed_config_is_one_clear_error(tmp_path):
+def test_malformed_config_is_one_clear_error(tmp_path, capsys):
+    from safe_train.main import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_size: [1, 2\n")
-    proc = _run(["--config", str(bad)])
+    proc = _run(["--config", str(bad)])  # the real command once; the other cases run its main() in-process
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
-    proc = _run(["--config", str(tmp_path / "missing.yaml")])
-    assert proc.returncode == 2 and "config file not found" in proc.stderr
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
-    proc = _run(["--config", str(tmp_path / "list.yaml")])
-    assert proc.returncode == 2 and "must be a mapping" in proc.stderr
+    (tmp_path / "typo.yaml").write_text("batch_size: 8\nwarmpu: 10\n")  # issue 14, fault 8
+    for name, message in (("missing.yaml", "config file not found"), ("list.yaml", "must be a mapping"),
+                          ("typo.yaml", f"config file {tmp_path / 'typo.yaml'}: unknown key 'warmpu' "
+                                        f"(did you mean 'warmup'?)")):
+        assert main(["--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "usage:" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_missing_csv_column_is_one_clear_error(csv_64, tmp_path):

@@ -61,6 +61,13 @@ class SimilarityRecorder(Callback):
         self._sum += float(similarity.sum())
         self._count += len(similarity)
 
+    def state_dict(self) -> dict[str, float]:
+        """The epoch's running sum (a mid-epoch checkpoint keeps it; at an epoch end it is reset anyway)."""
+        return {"sum": self._sum, "count": self._count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._sum, self._count = float(state.get("sum", 0.0)), int(state.get("count", 0))
+
     def on_epoch_end(self, ctx: TrainContext) -> None:
         if self._count:
             ctx.log_metric("similarity_mean_rank0" if ctx.distributed else "similarity_mean", self._sum / self._count)

@@ -286,10 +286,21 @@ class DetectionCallback(Callback):
                          f"{self.detectors[0]}) from later epochs")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"drop_done": self.drop_done}
+        """Also the epoch's embeddings so far (``--detect-reference global``): a mid-epoch checkpoint must
+        let a resumed run score the whole epoch."""
+        state: dict[str, Any] = {"drop_done": self.drop_done, "skipped_non_finite": self.skipped_non_finite}
+        if self._epoch_rows:
+            state["rows_ids"] = torch.from_numpy(np.concatenate([r[0] for r in self._epoch_rows]))
+            state["rows_image"] = torch.from_numpy(np.concatenate([r[1] for r in self._epoch_rows]))
+            state["rows_text"] = torch.from_numpy(np.concatenate([r[2] for r in self._epoch_rows]))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.drop_done = bool(state.get("drop_done", False))
+        self.skipped_non_finite = int(state.get("skipped_non_finite", 0))
+        self._epoch_rows = []
+        if "rows_ids" in state:
+            self._epoch_rows = [(state["rows_ids"].numpy(), state["rows_image"].numpy(), state["rows_text"].numpy())]
 
 
 # ---- outputs shared with the standalone command ---------------------------------------------------

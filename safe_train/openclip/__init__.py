@@ -31,6 +31,7 @@ from safe_train.openclip.upstream import (
     get_input_dtype,
     tarfile_to_samples_nothrow,
     unwrap_model,
+    upstream_option_strings,
     upstream_parse_args,
     wds,
     wds_shuffle,
@@ -42,5 +43,5 @@ __all__ = [
     "capture_rng_state", "check_upstream", "dataset_kind", "detshuffle2", "expand_urls",
     "filter_no_caption_or_no_image", "get_autocast", "get_dataset_size", "get_input_dtype", "patched_openclip",
     "report", "restore_rng_state", "run_openclip_main", "tarfile_to_samples_nothrow", "to_device", "unwrap_model",
-    "upstream_parse_args", "wds", "wds_shuffle",
+    "upstream_option_strings", "upstream_parse_args", "wds", "wds_shuffle",
 ]

@@ -8,18 +8,25 @@ replaced for the duration of a run (3.3 has no hooks or registries).
 - ``evaluate``: OpenCLIP's evaluation, then ``on_evaluate`` callbacks, without consuming the training
   RNG stream;
 - ``torch.nn.parallel.DistributedDataParallel``: drops CUDA ``device_ids`` for CPU models (upstream
-  passes them even on CPU, which crashes gloo runs).
+  passes them even on CPU, which crashes gloo runs);
+- checkpoints (:mod:`safe_train.checkpoint`): ``main``'s ``torch.save`` becomes the engine's atomic,
+  stamped save; ``pt_load`` loads with ``weights_only=True`` and one clear error;
+  ``--resume latest`` picks the engine's newest *consistent* checkpoint (epoch or step), through
+  ``get_latest_checkpoint`` and, with ``--save-most-recent`` (where 3.3 only looks at
+  ``epoch_latest.pt``), through the file name ``LATEST_CHECKPOINT_NAME`` until the resume is done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from safe_train.checkpoint import load_checkpoint_file
 from safe_train.openclip.rng import capture_rng_state, restore_rng_state
 from safe_train.openclip.upstream import oc_data, oc_main
 
@@ -77,24 +84,69 @@ def engine_evaluate(engine: Any, evaluate_fn: Callable[..., Any], model, data, e
     return metrics
 
 
+class _TorchWithCheckpointSave:
+    """``torch`` as open_clip_train.main sees it during a run: everything is torch's, except ``save``."""
+
+    def __init__(self, save: Callable[[Any, str], None]) -> None:
+        self._save = save
+
+    def save(self, obj: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        self._save(obj, path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+NO_CONSISTENT_CHECKPOINT = "no-consistent-checkpoint.pt"
+
+
+def _launch_rank() -> int:
+    """This process's rank before torch.distributed starts (torchrun's RANK, srun's SLURM_PROCID)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 @contextlib.contextmanager
 def patched_openclip(engine: Any) -> Iterator[None]:
     """Install ``engine``'s replacements into open_clip_train for the duration of a run.
 
     ``engine`` provides ``on_parsed_args(args)``, ``get_train_data(args, preprocess_fns, epoch, tokenizer,
-    kind)``, ``train_one_epoch(...)`` with 3.3's ten arguments, and ``after_evaluate(epoch, metrics)``.
+    kind)``, ``train_one_epoch(...)`` with 3.3's ten arguments, ``after_evaluate(epoch, metrics)``,
+    ``save_checkpoint_file(obj, path)`` and ``resolve_latest(checkpoint_dir, set_aside)``.
     """
     original_get_data = oc_main.get_data
     original_evaluate = oc_main.evaluate
     original_parse_args = oc_main.parse_args
     original_ddp = torch.nn.parallel.DistributedDataParallel
+    original_torch = oc_main.torch
+    original_pt_load = oc_main.pt_load
+    original_get_latest = oc_main.get_latest_checkpoint
+    original_latest_name = oc_main.LATEST_CHECKPOINT_NAME
 
     def parse_args(argv):
         args = original_parse_args(argv)
         engine.on_parsed_args(args)
+        if args.resume == "latest" and args.save_most_recent and args.name and args.remote_sync is None:
+            checkpoint_dir = os.path.join(args.logs, args.name, "checkpoints")
+            chosen = engine.resolve_latest(checkpoint_dir, set_aside=_launch_rank() == 0)
+            oc_main.LATEST_CHECKPOINT_NAME = (os.path.relpath(chosen, checkpoint_dir) if chosen
+                                              else NO_CONSISTENT_CHECKPOINT)
         return args
 
+    def get_latest_checkpoint(path, remote):
+        if remote:
+            return original_get_latest(path, remote)
+        return engine.resolve_latest(path, set_aside=True)
+
+    def pt_load(file_path, map_location=None):
+        if "://" in str(file_path):
+            return original_pt_load(file_path, map_location=map_location)
+        return load_checkpoint_file(file_path, map_location=map_location)
+
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+        oc_main.LATEST_CHECKPOINT_NAME = original_latest_name  # the resume is resolved; saves use the real name
         if engine_owns_train_data(args):
             return engine_get_data(engine, original_get_data, args, preprocess_fns, epoch, tokenizer)
         return original_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
@@ -107,10 +159,17 @@ def patched_openclip(engine: Any) -> Iterator[None]:
     oc_main.get_data = get_data
     oc_main.train_one_epoch = engine.train_one_epoch
     oc_main.evaluate = evaluate
+    oc_main.torch = _TorchWithCheckpointSave(engine.save_checkpoint_file)
+    oc_main.pt_load = pt_load
+    oc_main.get_latest_checkpoint = get_latest_checkpoint
     torch.nn.parallel.DistributedDataParallel = CpuSafeDDP
     try:
         yield
     finally:
+        oc_main.torch = original_torch
+        oc_main.pt_load = original_pt_load
+        oc_main.get_latest_checkpoint = original_get_latest
+        oc_main.LATEST_CHECKPOINT_NAME = original_latest_name
         oc_main.parse_args = original_parse_args
         oc_main.get_data = original_get_data
         oc_main.train_one_epoch = _ORIGINAL_TRAIN_ONE_EPOCH

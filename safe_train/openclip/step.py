@@ -179,6 +179,15 @@ class TrainStep:
             unwrap_model(model).logit_scale.clamp_(0, math.log(100))
         return StepResult(losses, step_features, step_ids, logit_scale, batch)
 
+    def meters_state(self) -> dict[str, list[float]]:
+        """The running loss averages of the log line (a step checkpoint keeps them so the resumed log matches)."""
+        return {name: [m.val, m.sum, float(m.count)] for name, m in self.losses_m.items()}
+
+    def load_meters(self, state: dict[str, list[float]]) -> None:
+        for name, (val, total, count) in state.items():
+            meter = self.losses_m.setdefault(name, Meter())
+            meter.val, meter.sum, meter.count = float(val), float(total), int(count)
+
     def log(self, i_accum: int, result: StepResult, step: int) -> None:
         """3.3's progress line and ``train/*`` scalars, every ``--log-every-n-steps`` and at the pass's end."""
         ctx, args = self.ctx, self.ctx.args

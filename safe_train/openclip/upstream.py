@@ -6,6 +6,8 @@ No other module of safe-train imports ``open_clip_train``: they use :mod:`safe_t
 
 from __future__ import annotations
 
+import argparse
+import functools
 import importlib
 import inspect
 
@@ -45,6 +47,9 @@ REQUIRED_SYMBOLS: dict[str, tuple[str, ...] | None] = {
     "open_clip_train.main.evaluate": ("model", "data", "epoch", "args", "tb_writer", "tokenizer"),
     "open_clip_train.main.create_loss": ("args",),
     "open_clip_train.main.LATEST_CHECKPOINT_NAME": None,
+    "open_clip_train.main.pt_load": ("file_path", "map_location"),
+    "open_clip_train.main.get_latest_checkpoint": ("path", "remote"),
+    "open_clip_train.main.torch": None,
     "open_clip_train.data.get_dataset_fn": ("data_path", "dataset_type"),
     "open_clip_train.data.get_csv_dataset": None,
     "open_clip_train.data.get_wds_dataset": None,
@@ -85,6 +90,31 @@ def resolve(symbol: str):
     raise ImportError(symbol)
 
 
+class _ParserCaptured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+
+@functools.cache
+def upstream_option_strings() -> frozenset[str]:
+    """Every option string of open_clip_train's parser (3.3 builds it inside ``parse_args`` and does not
+    expose it, so the parser is caught when ``parse_args`` is about to use it)."""
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        raise _ParserCaptured(self)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        upstream_parse_args([])
+    except _ParserCaptured as caught:
+        return frozenset(opt for action in caught.parser._actions for opt in action.option_strings)
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    raise UpstreamChanged("open_clip_train.params.parse_args did not build an argparse parser")
+
+
 def check_upstream() -> None:
     """Raise :class:`UpstreamChanged` naming every required symbol that is missing or reshaped."""
     problems = []
@@ -112,5 +142,5 @@ __all__ = [
     "SAMPLE_SHUFFLE_SIZE", "SHARD_SHUFFLE_INITIAL", "SHARD_SHUFFLE_SIZE", "SharedEpoch", "check_upstream",
     "detshuffle2", "expand_urls", "filter_no_caption_or_no_image", "get_autocast", "get_dataset_size",
     "get_input_dtype", "oc_data", "oc_main", "resolve", "tarfile_to_samples_nothrow", "unwrap_model",
-    "upstream_parse_args", "wds", "wds_shuffle",
+    "upstream_option_strings", "upstream_parse_args", "wds", "wds_shuffle",
 ]

@@ -1,0 +1,219 @@
+"""Checkpoints as one unit: OpenCLIP's ``.pt`` plus its ``.safe_train/`` sidecar, written atomically,
+stamped with a shared token, and found again by ``--resume latest`` only when both halves agree.
+
+Why: OpenCLIP writes ``epoch_N.pt`` in place (a kill leaves a 0-byte file that ``--resume latest``
+then picks on every retry), and the sidecar and the model are two writes (a kill between them pairs
+an old model with new state). Here every ``.pt`` goes through :func:`atomic_save`; the checkpoint
+dict carries ``{"safe_train": stamp}`` and the sidecar's ``meta.json`` the same ``token``; the
+resolver skips (and, for unreadable files, sets aside as ``*.corrupt``) whatever does not pair up,
+and picks the newest consistent checkpoint, an epoch's or a step's.
+
+Step checkpoints are ``step_<global step>.pt`` with ``step_<global step>.safe_train/``; the last
+``--keep-step-checkpoints`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safe_train.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STAMP_KEY = "safe_train"
+SIDECAR_SUFFIX = ".safe_train"
+STEP_PREFIX = "step_"
+META_FILE = "meta.json"
+CORRUPT_SUFFIX = ".corrupt"
+_EPOCH_RE = re.compile(r"^epoch_(\d+|latest)\.pt$")
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def sidecar_path(checkpoint_path: str | os.PathLike) -> Path:
+    """``epoch_3.pt`` → ``epoch_3.safe_train/`` (the safe-train state of that checkpoint)."""
+    path = Path(checkpoint_path)
+    return path.with_name(path.stem + SIDECAR_SUFFIX)
+
+
+def step_checkpoint_path(checkpoint_dir: str | os.PathLike, global_step: int) -> Path:
+    return Path(checkpoint_dir) / f"{STEP_PREFIX}{global_step:09d}.pt"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``: write beside it, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with one clear :class:`CheckpointError` for every way it fails."""
+    path = str(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is not a checkpoint safe-train can load with weights_only=True: "
+                              f"{unpickling_reason(e)}") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def unpickling_reason(error: BaseException) -> str:
+    """What torch's weights_only unpickler refused, in a few words (its own message is a page long)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it contains the Python object {found.group(1)}, which could run arbitrary code"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def read_sidecar_meta(checkpoint_path: str | os.PathLike) -> dict[str, Any] | None:
+    meta = sidecar_path(checkpoint_path) / META_FILE
+    if not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Candidate:
+    """One ``.pt`` in the checkpoint folder and what the resolver found out about it."""
+
+    path: Path
+    kind: str  # "epoch" or "step"
+    stamp: dict[str, Any] | None
+    epoch: int
+    problem: str | None = None
+    unreadable: bool = False
+
+    @property
+    def progress(self) -> tuple[int, int, int]:
+        """Newer is larger: optimizer steps done, then epoch checkpoints before step checkpoints."""
+        if self.stamp is not None:
+            return (1, int(self.stamp.get("global_step", 0)), 1 if self.kind == "epoch" else 0)
+        return (0, self.epoch, 1 if self.kind == "epoch" else 0)
+
+
+def _candidate(path: Path, needs_sidecar: bool) -> Candidate:
+    kind = "step" if _STEP_RE.match(path.name) else "epoch"
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty (0 bytes)")
+        checkpoint = load_checkpoint_file(path, mmap=True)
+    except CheckpointError as e:
+        return Candidate(path, kind, None, -1, problem=str(e), unreadable=True)
+    if not isinstance(checkpoint, dict) or "epoch" not in checkpoint or "state_dict" not in checkpoint:
+        return Candidate(path, kind, None, -1, problem=f"{path} is not a training checkpoint (no epoch/state_dict)")
+    stamp = checkpoint.get(STAMP_KEY)
+    candidate = Candidate(path, kind, stamp if isinstance(stamp, dict) else None, int(checkpoint["epoch"]))
+    meta = read_sidecar_meta(path)
+    if candidate.stamp is not None:
+        if meta is None:
+            if needs_sidecar:
+                candidate.problem = f"{path} has no complete safe-train state ({sidecar_path(path).name} missing)"
+        elif meta.get("token") != candidate.stamp.get("token"):
+            candidate.problem = (f"{path} (step {candidate.stamp.get('global_step')}) and {sidecar_path(path).name} "
+                                 f"(step {meta.get('global_step')}) come from different saves")
+    elif needs_sidecar and meta is None:
+        candidate.problem = f"{path} has no safe-train state ({sidecar_path(path).name} missing)"
+    return candidate
+
+
+def scan_checkpoints(checkpoint_dir: str | os.PathLike, needs_sidecar: bool) -> list[Candidate]:
+    """Every epoch and step checkpoint in ``checkpoint_dir``, newest first."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        return []
+    paths = [p for p in directory.iterdir() if p.is_file() and (_EPOCH_RE.match(p.name) or _STEP_RE.match(p.name))]
+    candidates = [_candidate(p, needs_sidecar) for p in paths]
+    return sorted(candidates, key=lambda c: (c.progress, c.path.name), reverse=True)
+
+
+def resolve_latest(checkpoint_dir: str | os.PathLike, needs_sidecar: bool, set_aside: bool = False) -> Path | None:
+    """The newest checkpoint whose model and safe-train state belong together (None: start afresh).
+
+    Every skipped checkpoint is named in a warning; with ``set_aside`` (one process only), unreadable
+    files are renamed ``*.corrupt`` so no later resume trips on them.
+    """
+    chosen = None
+    for candidate in scan_checkpoints(checkpoint_dir, needs_sidecar):
+        if candidate.unreadable:  # its progress is unknown: likely the newest, killed while it was written
+            log.warning(f"--resume latest: skipping {candidate.problem}")
+            if set_aside:
+                target = candidate.path.with_name(candidate.path.name + CORRUPT_SUFFIX)
+                os.replace(candidate.path, target)
+                log.warning(f"--resume latest: set {candidate.path.name} aside as {target.name}")
+        elif chosen is None:
+            if candidate.problem is None:
+                chosen = candidate.path
+            else:
+                log.warning(f"--resume latest: skipping {candidate.problem}")
+    return chosen
+
+
+def prune_step_checkpoints(checkpoint_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (the model file first, then its sidecar)."""
+    directory = Path(checkpoint_dir)
+    steps = sorted((p for p in directory.glob(f"{STEP_PREFIX}*.pt") if _STEP_RE.match(p.name)), key=lambda p: p.name)
+    for path in steps[: max(len(steps) - keep, 0)]:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(sidecar_path(path), ignore_errors=True)
+
+
+def remove_orphan_sidecars(checkpoint_dir: str | os.PathLike) -> None:
+    """Sidecars whose checkpoint is gone (``--delete-previous-checkpoint``, pruning) and unfinished writes."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if not path.is_dir():
+            continue
+        if path.name.endswith(".writing"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.endswith(SIDECAR_SUFFIX):
+            model = path.with_name(path.name[: -len(SIDECAR_SUFFIX)] + ".pt")
+            if not model.exists() and not model.name.startswith("epoch_latest"):
+                shutil.rmtree(path, ignore_errors=True)
