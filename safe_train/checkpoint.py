@@ -68,6 +68,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(directory: str | os.PathLike, pattern: str = "**/*") -> None:
+    """Flush the files under ``directory`` to disk before the folder is published (renamed into place)."""
+    for path in Path(directory).glob(pattern):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(Path(directory))
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` that never leaves a partial file at ``path``: write beside it, fsync, rename."""
     path = Path(path)
@@ -108,14 +117,41 @@ def unpickling_reason(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def read_sidecar_meta(checkpoint_path: str | os.PathLike) -> dict[str, Any] | None:
-    meta = sidecar_path(checkpoint_path) / META_FILE
-    if not meta.exists():
-        return None
+PREVIOUS_SUFFIX = ".prev"
+
+
+def _read_meta(directory: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(meta.read_text())
+        return json.loads((directory / META_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_sidecar_meta(checkpoint_path: str | os.PathLike) -> dict[str, Any] | None:
+    return _read_meta(sidecar_path(checkpoint_path))
+
+
+def matching_sidecar(checkpoint_path: str | os.PathLike, token: str | None) -> Path | None:
+    """The sidecar written with ``checkpoint_path``'s token: the current one, or the one it replaced (a
+    sidecar is published before its checkpoint, so until the new ``.pt`` lands the old pair is the previous
+    sidecar and the current ``.pt``)."""
+    current = sidecar_path(checkpoint_path)
+    for directory in (current, current.with_name(current.name + PREVIOUS_SUFFIX)):
+        meta = _read_meta(directory)
+        if meta is not None and meta.get("token") == token:
+            return directory
+    return None
+
+
+def publish_sidecar(tmp: Path, directory: Path) -> None:
+    """Move a finished sidecar into place, keeping the one it replaces as ``NAME.prev`` (still paired with
+    the checkpoint file until that is replaced too)."""
+    previous = directory.with_name(directory.name + PREVIOUS_SUFFIX)
+    if directory.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(directory, previous)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
 
 
 @dataclass
@@ -145,18 +181,28 @@ def _candidate(path: Path, needs_sidecar: bool) -> Candidate:
         checkpoint = load_checkpoint_file(path, mmap=True)
     except CheckpointError as e:
         return Candidate(path, kind, None, -1, problem=str(e), unreadable=True)
+    except OSError as e:  # gone meanwhile (another process set it aside)
+        return Candidate(path, kind, None, -1, problem=f"{path}: {e}")
     if not isinstance(checkpoint, dict) or "epoch" not in checkpoint or "state_dict" not in checkpoint:
         return Candidate(path, kind, None, -1, problem=f"{path} is not a training checkpoint (no epoch/state_dict)")
     stamp = checkpoint.get(STAMP_KEY)
     candidate = Candidate(path, kind, stamp if isinstance(stamp, dict) else None, int(checkpoint["epoch"]))
     meta = read_sidecar_meta(path)
     if candidate.stamp is not None:
+        matching = matching_sidecar(path, candidate.stamp.get("token"))
+        if matching is not None:
+            meta = _read_meta(matching)
         if meta is None:
             if needs_sidecar:
                 candidate.problem = f"{path} has no complete safe-train state ({sidecar_path(path).name} missing)"
-        elif meta.get("token") != candidate.stamp.get("token"):
+        elif matching is None:
             candidate.problem = (f"{path} (step {candidate.stamp.get('global_step')}) and {sidecar_path(path).name} "
                                  f"(step {meta.get('global_step')}) come from different saves")
+        elif kind == "step":
+            missing = [r for r in range(int(meta.get("world_size", 1)))
+                       if not (matching / f"rank{r}.state").exists()]
+            if missing:
+                candidate.problem = f"{path}: its state lacks ranks {missing} (were the ranks' folders not shared?)"
     elif needs_sidecar and meta is None:
         candidate.problem = f"{path} has no safe-train state ({sidecar_path(path).name} missing)"
     return candidate
@@ -200,7 +246,9 @@ def prune_step_checkpoints(checkpoint_dir: str | os.PathLike, keep: int) -> None
     steps = sorted((p for p in directory.glob(f"{STEP_PREFIX}*.pt") if _STEP_RE.match(p.name)), key=lambda p: p.name)
     for path in steps[: max(len(steps) - keep, 0)]:
         path.unlink(missing_ok=True)
-        shutil.rmtree(sidecar_path(path), ignore_errors=True)
+        side = sidecar_path(path)
+        shutil.rmtree(side, ignore_errors=True)
+        shutil.rmtree(side.with_name(side.name + PREVIOUS_SUFFIX), ignore_errors=True)
 
 
 def remove_orphan_sidecars(checkpoint_dir: str | os.PathLike) -> None:

@@ -232,6 +232,7 @@ class LoaderInfo:
     needs_rank_sync: bool = False
     arm: Callable[[ResumeSkip, int], None] | None = None
     persistent_workers: bool = False  # workers (and their RNG) live from one epoch to the next
+    workers: int = 0  # data-loader worker processes (0: batches are made in this process)
 
     def arm_resume(self, skip: ResumeSkip, epoch: int) -> None:
         """Make the next iterator skip what a step checkpoint's run already trained on (see
@@ -239,6 +240,11 @@ class LoaderInfo:
         if self.arm is None:
             raise DataError("this training data cannot resume in the middle of a pass")
         self.arm(skip, epoch)
+
+    def disarm(self) -> None:
+        """Once the armed iterator's workers exist: later iterators (new workers) start afresh."""
+        if self.arm is not None:
+            self.arm(ResumeSkip(), -1)
 
     def set_epoch(self, epoch: int) -> None:
         if self.shared_epoch is not None:
@@ -286,7 +292,7 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
         batches.skip = skip.batches
         dataset.rng_restore.arm(skip.worker_rng)
 
-    return LoaderInfo(loader, sampler=sampler, skip_counter=skip_counter, arm=arm)
+    return LoaderInfo(loader, sampler=sampler, skip_counter=skip_counter, arm=arm, workers=args.workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,4 +810,4 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     loader.num_samples = num_samples
     return LoaderInfo(loader, shared_epoch=shared_epoch, skip_counter=skip_counter,
                       needs_rank_sync=selection is not None, arm=cursor.arm,
-                      persistent_workers=persistent and args.workers > 0)
+                      persistent_workers=persistent and args.workers > 0, workers=args.workers)

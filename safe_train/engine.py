@@ -29,9 +29,12 @@ from safe_train import openclip as oc
 from safe_train.checkpoint import (
     STAMP_KEY,
     atomic_save,
+    fsync_tree,
     load_checkpoint_file,
+    matching_sidecar,
     new_token,
     prune_step_checkpoints,
+    publish_sidecar,
     remove_orphan_sidecars,
     resolve_latest,
     sidecar_path,
@@ -50,7 +53,7 @@ from safe_train.interface import (
 )
 from safe_train.preemption import StopFlag
 from safe_train.resume import PassPosition, ResumeSkip, is_consumed
-from safe_train.state import SampleTable, replace_dir
+from safe_train.state import SampleTable
 
 log = logging.getLogger(__name__)
 
@@ -258,15 +261,18 @@ class Engine:
         """A new iterator over ``info``; on resume, re-created as the checkpointed one was and armed to skip
         what was consumed, with the RNG streams of the checkpoint's step."""
         persistent = info.persistent_workers
+        armed = False
         if resume is not None:
             oc.restore_rng_state(resume["iter_rng"])
             info.arm_resume(position.skip(), self.ctx.epoch)
+            armed = True
         else:
             position.new_iterator(keep_worker_rng=persistent)
             if persistent and info is self.main_data and self._main_worker_rng:
                 if not position.worker_rng:
                     position.worker_rng = dict(self._main_worker_rng)
                     info.arm_resume(ResumeSkip(worker_rng=dict(self._main_worker_rng)), self.ctx.epoch)
+                    armed = True
                 self._main_worker_rng = {}
         self._iter_rng = oc.capture_rng_state()
         taken: list[Any] | None = None  # batches already pulled from the new iterator
@@ -292,6 +298,10 @@ class Engine:
             if taken is None and position.batches:
                 taken = [b for b in [next(iterator, None)] if b is not None]
             oc.restore_rng_state(resume["rng"])
+        if armed and info.workers > 0:  # (without workers the armed objects are the live ones: keep them)
+            if taken is None:  # a WebLoader starts its workers at the first next()
+                taken = [b for b in [next(iterator, None)] if b is not None]
+            info.disarm()  # the workers took their copies; the next epoch's new workers must start afresh
         return iterator if taken is None else itertools.chain(taken, iterator)
 
     def _batches(self, ctx: TrainContext, info: LoaderInfo, position: PassPosition,
@@ -449,6 +459,7 @@ class Engine:
         }
         torch.save(rank_state, tmp / f"rank{ctx.rank}.state")
         np.savez(tmp / f"rank{ctx.rank}.pending.npz", **ctx.table.pending_state())
+        fsync_tree(tmp, f"rank{ctx.rank}.*")
         dist.barrier()
         if ctx.is_master:
             stamp = {"token": token, "run": args.name, "epoch": ctx.epoch, "global_step": ctx.global_step,
@@ -460,7 +471,8 @@ class Engine:
                 **stamp, "defense": self.defense.name, "callbacks": [c.name for c in self.callbacks],
                 "num_samples": len(ctx.table), "columns": ctx.table.columns, "world_size": ctx.world_size},
                 indent=1))
-            replace_dir(tmp, directory)
+            fsync_tree(tmp)
+            publish_sidecar(tmp, directory)
             checkpoint = {"epoch": ctx.epoch, "name": args.name,
                           # what OpenCLIP saves: the model before torch.compile, DDP-wrapped when distributed
                           "state_dict": getattr(ctx.model, "_orig_mod", ctx.model).state_dict(),
@@ -559,19 +571,22 @@ class Engine:
                 **self._pending_stamp, "defense": self.defense.name,
                 "callbacks": [c.name for c in self.callbacks], "num_samples": len(ctx.table),
                 "columns": ctx.table.columns, "world_size": ctx.world_size}, indent=1))
-            replace_dir(tmp, directory)
+            fsync_tree(tmp)
+            publish_sidecar(tmp, directory)
 
     def _restore(self, checkpoint: str) -> None:
         """Load the sidecar of the checkpoint OpenCLIP resumed from (every rank reads it) after checking that
         the two belong together; a step checkpoint also brings this rank's mid-epoch position."""
         ctx = self.ctx
         directory = sidecar_path(checkpoint)
+        stamp = load_checkpoint_file(checkpoint, mmap=True).get(STAMP_KEY)
+        if stamp is not None:
+            directory = matching_sidecar(checkpoint, stamp.get("token")) or directory
         if not directory.exists():
             if self.needs_sidecar:
                 logging.warning(f"resuming from {checkpoint} without safe-train state ({directory} not found): "
                                 f"per-sample state starts empty")
             return
-        stamp = load_checkpoint_file(checkpoint, mmap=True).get(STAMP_KEY)
         state = load_checkpoint_file(directory / ENGINE_STATE_FILE)
         if stamp is not None and state.get("token") != stamp.get("token"):
             raise CheckpointError(f"{checkpoint} (global step {stamp.get('global_step')}) and its state {directory} "

@@ -8,6 +8,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import pickle
 import sys
 from collections.abc import Callable
@@ -64,6 +65,8 @@ def exit_status(run: Callable[[], Any]) -> int:
     except Preempted as e:
         _log_to_files(f"safe-train: {e}")
         print(f"safe-train: {e}", file=sys.stderr, flush=True)
+        for child in multiprocessing.active_children():  # e.g. OpenCLIP's --remote-sync process, which
+            child.terminate()  # its main() only stops after the last epoch; exit would wait for it forever
         return EXIT_PREEMPTED
     except SafeTrainError as e:
         _log_to_files(f"safe-train: error: {e}")  # the run's out.log keeps it; stderr gets it once, below

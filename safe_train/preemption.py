@@ -10,9 +10,12 @@ reads it after every step and agrees on it across ranks with one small all-reduc
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
+
+from torch.utils.data import get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +28,19 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._installed: dict[int, object] = {}
+        self._pid = os.getpid()
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked child inherited the handler
+            if get_worker_info() is not None:
+                return  # a data-loader worker: Slurm signals it too; the main process ends it cleanly
+            signal.signal(signum, signal.SIG_DFL)  # anything else (OpenCLIP's remote-sync process, ...)
+            os.kill(os.getpid(), signum)  # ends as it would have without safe-train
+            return
         first = self.signal_name is None
         self.signal_name = signal.Signals(signum).name
         if first:
@@ -40,6 +50,7 @@ class StopFlag:
         """Install the handlers (main thread only; a no-op elsewhere, e.g. in a test's thread)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        self._pid = os.getpid()
         for signum in STOP_SIGNALS:
             self._installed[signum] = signal.signal(signum, self._handle)
 

@@ -234,10 +234,10 @@ class AttachCursor(oc.wds.PipelineStage):
         cursor.start()
         if self._emitted_epoch != cursor.epoch:  # with_epoch restarts the pipeline within an epoch
             self._emitted_epoch = cursor.epoch
+            if cursor._skipping():  # now, not after the placeholders: a worker whose share was all consumed
+                cursor.rng_restore.before_first_batch()  # never gets past them, yet its next epoch needs its RNG
             for _ in range(cursor.batches_to_skip()):
                 yield {CONSUMED: True}
-            if cursor._skipping():
-                cursor.rng_restore.before_first_batch()
         wid = worker_id()
         for batch in src:
             raw = batch.pop(RAW_INDEX, None)  # the batch's last raw sample, not what the batcher read ahead

@@ -33,7 +33,10 @@ def _write_pair(directory, name: str, global_step: int, token: str, sidecar_toke
         side = sidecar_path(path)
         side.mkdir()
         meta_token = token if sidecar_token == "same" else sidecar_token
-        (side / "meta.json").write_text(json.dumps({"token": meta_token, "global_step": global_step}))
+        (side / "meta.json").write_text(json.dumps({"token": meta_token, "global_step": global_step,
+                                                    "world_size": 1}))
+        if name.startswith("step_"):
+            (side / "rank0.state").write_bytes(b"")  # every rank's part of a step checkpoint
 
 
 def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
@@ -69,6 +72,20 @@ def test_resolver_picks_the_newest_consistent_pair_and_sets_broken_files_aside(t
     assert "step_000000012.pt has no complete safe-train state" in messages
     assert (tmp_path / ("epoch_2.pt" + CORRUPT_SUFFIX)).exists() and not (tmp_path / "epoch_2.pt").exists()
     assert (tmp_path / "epoch_latest.pt").exists()  # readable files are never renamed
+
+
+def test_the_previous_sidecar_still_pairs_with_the_checkpoint_it_belongs_to(tmp_path):
+    """epoch_latest: its new sidecar is published at the epoch's end, the model only after evaluation; a kill
+    in between must leave the old pair usable (the replaced sidecar is kept as NAME.prev)."""
+    from safe_train.checkpoint import matching_sidecar, publish_sidecar
+
+    _write_pair(tmp_path, "epoch_latest.pt", 8, "old")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "meta.json").write_text(json.dumps({"token": "new", "global_step": 16}))
+    publish_sidecar(staged, sidecar_path(tmp_path / "epoch_latest.pt"))  # ... and the kill comes here
+    assert resolve_latest(tmp_path, needs_sidecar=True) == tmp_path / "epoch_latest.pt"
+    assert matching_sidecar(tmp_path / "epoch_latest.pt", "old").name == "epoch_latest.safe_train.prev"
 
 
 def test_resolver_prefers_an_epoch_checkpoint_at_the_same_step_and_returns_none_when_nothing_fits(tmp_path):

@@ -128,9 +128,11 @@ def patched_openclip(engine: Any) -> Iterator[None]:
     def parse_args(argv):
         args = original_parse_args(argv)
         engine.on_parsed_args(args)
-        if args.resume == "latest" and args.save_most_recent and args.name and args.remote_sync is None:
+        # only rank 0 resolves (OpenCLIP broadcasts its choice), so no rank races rank 0's set-aside renames
+        if (args.resume == "latest" and args.save_most_recent and args.name and args.remote_sync is None
+                and _launch_rank() == 0):
             checkpoint_dir = os.path.join(args.logs, args.name, "checkpoints")
-            chosen = engine.resolve_latest(checkpoint_dir, set_aside=_launch_rank() == 0)
+            chosen = engine.resolve_latest(checkpoint_dir, set_aside=True)
             oc_main.LATEST_CHECKPOINT_NAME = (os.path.relpath(chosen, checkpoint_dir) if chosen
                                               else NO_CONSISTENT_CHECKPOINT)
         return args
