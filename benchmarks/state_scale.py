@@ -265,7 +265,7 @@ def _run_child(key: str, n: int, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [10**6] if args.quick else [n for n in (10**6, 10**7, 10**8) if n <= args.max_n]
     emit(f"safe-train SampleTable scale benchmark — {time.strftime('%Y-%m-%d %H:%M')}")
-    emit(f"CPU: {_cpu_model()}, {os.cpu_count()} cores; numpy {np.__version__}; python {sys.version.split()[0]}; "
+    emit(f"CPU: {cpu_model()}, {os.cpu_count()} cores; numpy {np.__version__}; python {sys.version.split()[0]}; "
          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     emit(f"command: python benchmarks/state_scale.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     emit()

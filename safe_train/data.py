@@ -677,12 +677,16 @@ class _FullBatches(oc.wds.PipelineStage):
         self.batch_size = batch_size
 
     def run(self, src):
-        batch: list = []
-        for sample in src:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield default_collate(batch)
-                batch = []
+        yield from _collated_batches(src, self.batch_size, [])
+
+
+def _collated_batches(src, batch_size: int, tail: list):
+    """Full batches of ``src`` as soon as each is full; what is left over ends up in ``tail``."""
+    for sample in src:
+        tail.append(sample)
+        if len(tail) == batch_size:
+            yield default_collate(tail)
+            tail.clear()
 
 
 class _PaddedBatches(oc.wds.PipelineStage):
@@ -701,11 +705,7 @@ class _PaddedBatches(oc.wds.PipelineStage):
 
     def run(self, src):
         batch: list = []
-        for sample in src:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield default_collate(batch)
-                batch = []
+        yield from _collated_batches(src, self.batch_size, batch)
         if batch:
             need = self.batch_size - len(batch)
             raw = [dict(s) for s in self.cursor.first_raw * self.batch_size]
