@@ -154,6 +154,29 @@ def publish_sidecar(tmp: Path, directory: Path) -> None:
     _fsync_dir(directory.parent)
 
 
+def retire_previous_sidecar(checkpoint_path: str | os.PathLike) -> None:
+    """Drop ``NAME.safe_train.prev`` once the checkpoint it paired with has been replaced."""
+    current = sidecar_path(checkpoint_path)
+    shutil.rmtree(current.with_name(current.name + PREVIOUS_SUFFIX), ignore_errors=True)
+
+
+def retire_replaced_sidecars(checkpoint_dir: str | os.PathLike) -> None:
+    """Drop every ``.prev`` sidecar whose checkpoint now carries the current sidecar's token: OpenCLIP moves
+    ``tmp.pt`` over ``epoch_latest.pt`` itself, so that replacement is only seen afterwards."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        return
+    for previous in directory.glob(f"*{SIDECAR_SUFFIX}{PREVIOUS_SUFFIX}"):
+        model = previous.with_name(previous.name[: -len(SIDECAR_SUFFIX + PREVIOUS_SUFFIX)] + ".pt")
+        current = _read_meta(previous.with_name(previous.name[: -len(PREVIOUS_SUFFIX)]))
+        try:
+            stamp = load_checkpoint_file(model, mmap=True).get(STAMP_KEY)
+        except (CheckpointError, OSError, AttributeError):
+            continue  # unreadable or missing: leave it to the resolver
+        if current is not None and isinstance(stamp, dict) and stamp.get("token") == current.get("token"):
+            shutil.rmtree(previous, ignore_errors=True)
+
+
 @dataclass
 class Candidate:
     """One ``.pt`` in the checkpoint folder and what the resolver found out about it."""

@@ -37,6 +37,8 @@ from safe_train.checkpoint import (
     publish_sidecar,
     remove_orphan_sidecars,
     resolve_latest,
+    retire_previous_sidecar,
+    retire_replaced_sidecars,
     sidecar_path,
     step_checkpoint_path,
 )
@@ -125,11 +127,18 @@ class Engine:
         chosen = resolve_latest(checkpoint_dir, self.needs_sidecar, set_aside=set_aside)
         return None if chosen is None else str(chosen)
 
+    def retire_replaced_sidecars(self) -> None:
+        """Rank 0 drops sidecars kept for a checkpoint OpenCLIP has since replaced (epoch_latest.pt)."""
+        args = self.ctx.args if self.ctx is not None else None
+        if args is not None and self.ctx.is_master and getattr(args, "checkpoint_path", None):
+            retire_replaced_sidecars(args.checkpoint_path)
+
     def save_checkpoint_file(self, obj: Any, path: str | os.PathLike) -> None:
         """OpenCLIP's ``torch.save`` of a checkpoint: atomic, stamped with its sidecar's token."""
         if isinstance(obj, dict) and "epoch" in obj and self._pending_stamp is not None:
             obj = {**obj, STAMP_KEY: dict(self._pending_stamp)}
         atomic_save(obj, path)
+        retire_previous_sidecar(path)
         name = Path(path).name
         args = self.ctx.args if self.ctx is not None else None
         if args is not None and args.delete_previous_checkpoint and name.startswith("epoch_") and name[6:-3].isdigit():
@@ -211,6 +220,7 @@ class Engine:
         ctx.epoch = epoch
         ctx.epoch_metrics = {}
         self._pending_stamp = None
+        self.retire_replaced_sidecars()
         base_steps = data["train"].dataloader.num_batches // args.accum_freq
         if not self._started:
             ctx.global_step = base_steps * epoch
@@ -480,6 +490,7 @@ class Engine:
             if ctx.scaler is not None:
                 checkpoint["scaler"] = ctx.scaler.state_dict()
             atomic_save(checkpoint, path)
+            retire_previous_sidecar(path)
             prune_step_checkpoints(args.checkpoint_path, self.step_checkpoints.keep)
             logging.info(f"step checkpoint {path.name} (epoch {ctx.epoch}, global step {ctx.global_step}) "
                          f"in {time.monotonic() - started:.2f}s")

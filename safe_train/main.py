@@ -92,7 +92,9 @@ def _train(argv: list[str]) -> int:
     engine, upstream_argv = build_engine(argv)
     try:
         with oc.patched_openclip(engine):
-            return oc.run_openclip_main(upstream_argv)
+            status = oc.run_openclip_main(upstream_argv)
+        engine.retire_replaced_sidecars()
+        return status
     finally:
         engine.stop.uninstall()
 

@@ -156,9 +156,34 @@ class SlurmCluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
 
-    def release(self, job_id: str) -> None:
-        """A requeued job waits about 2 minutes (Reason=BeginTime); start it now."""
+    def leftovers(self, job_id: str) -> list[int]:
+        """Processes still running for the job: its slurmstepd ("slurmstepd: [ID.batch]") and whatever its
+        steps started (SLURM_JOB_ID=ID in their environment)."""
+        found = []
+        for pid in _pids():
+            environ = _proc_text(pid, "environ")
+            if f"[{job_id}." in _proc_text(pid, "cmdline") or (
+                    f"SLURM_JOB_ID={job_id} " in f"{environ} " and f"SLURM_CONF={self.conf} " in f"{environ} "):
+                found.append(pid)
+        return found
+
+    def release(self, job_id: str) -> bool:
+        """A requeued job waits about 2 minutes (Reason=BeginTime) so that its previous start can finish
+        cleaning up; start it now if that start has left no process behind. Returns whether it did."""
+        if self.leftovers(job_id):
+            return False
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        return True
+
+    def job_log(self, job_id: str) -> str:
+        """slurmctld's and slurmd's lines about one job, for assertion messages."""
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.root / name
+            if path.exists():
+                lines = [ln for ln in path.read_text(errors="replace").splitlines() if job_id in ln]
+                parts.append(f"--- {path} (lines with {job_id})\n" + "\n".join(lines[-60:]))
+        return "\n".join(parts)
 
     def wait(self, job_id: str, timeout: float = 180, release_requeued: bool = True) -> dict[str, str]:
         """Poll until the job has finished; requeued jobs held for BeginTime are released at once."""

@@ -18,6 +18,7 @@ from safe_train.checkpoint import (
     prune_step_checkpoints,
     remove_orphan_sidecars,
     resolve_latest,
+    retire_replaced_sidecars,
     sidecar_path,
     step_checkpoint_path,
 )
@@ -86,6 +87,15 @@ def test_the_previous_sidecar_still_pairs_with_the_checkpoint_it_belongs_to(tmp_
     publish_sidecar(staged, sidecar_path(tmp_path / "epoch_latest.pt"))  # ... and the kill comes here
     assert resolve_latest(tmp_path, needs_sidecar=True) == tmp_path / "epoch_latest.pt"
     assert matching_sidecar(tmp_path / "epoch_latest.pt", "old").name == "epoch_latest.safe_train.prev"
+    retire_replaced_sidecars(tmp_path)  # the old model is still in place: its sidecar must stay
+    assert matching_sidecar(tmp_path / "epoch_latest.pt", "old").name == "epoch_latest.safe_train.prev"
+
+    # OpenCLIP then moves tmp.pt over epoch_latest.pt: the kept sidecar has nothing left to pair with
+    atomic_save({"epoch": 2, "state_dict": {}, "optimizer": {}, STAMP_KEY: {"token": "new", "global_step": 16}},
+                tmp_path / "tmp.pt")
+    os.replace(tmp_path / "tmp.pt", tmp_path / "epoch_latest.pt")
+    retire_replaced_sidecars(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_latest.pt", "epoch_latest.safe_train"]
 
 
 def test_resolver_prefers_an_epoch_checkpoint_at_the_same_step_and_returns_none_when_nothing_fits(tmp_path):

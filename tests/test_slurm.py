@@ -92,6 +92,7 @@ class Job:
     id: str
     run: Path  # LOG_ROOT/NAME
     output: Path  # the job's Slurm output file (appended to by every start)
+    slurm_log: str = ""  # slurmctld's and slurmd's lines about it, kept when it finishes
 
     def text(self) -> str:
         return self.output.read_text() if self.output.exists() else "(no output file yet)"
@@ -124,7 +125,8 @@ def reached(job: Job, epoch: int, step: int) -> bool:
 
 
 def assert_completed(info: dict[str, str], job: Job, restarts: int) -> None:
-    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), f"{info}\n{job.tail()}"
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), \
+        f"{info}\n{job.tail()}\n{job.slurm_log}"
     assert info.get("Restarts") == str(restarts), f"{info}\n{job.tail()}"
     assert f"SLURM_RESTART_COUNT={restarts}" in job.text(), job.tail()
 
@@ -183,11 +185,13 @@ def runs(slurm_cluster, train_csv, tmp_path_factory) -> Runs:
                     info = slurm_cluster.job(job.id)
                     if info.get("JobState") in FINISHED:
                         infos[name] = info
+                        job.slurm_log = slurm_cluster.job_log(job.id)
                         if name in pending:
                             missed[name] = f"the job ended ({info.get('JobState')}) before its interruption point"
                             del pending[name]
                     elif info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                        slurm_cluster.release(job.id)  # a requeued job would wait ~2 minutes
+                        slurm_cluster.release(job.id)  # a requeued job would wait ~2 minutes; released
+                        # once its previous start has left no process (as the hold is there for)
             if time.monotonic() > deadline:
                 slurm_cluster.run("scancel", *(j.id for j in jobs.values()), check=False)
                 raise AssertionError(f"not done in 420 s: finished {sorted(infos)}, torchrun {torchrun.poll()}")
