@@ -25,6 +25,7 @@ from safe_train.interface import Callback, Defense
 from safe_train.registry import CALLBACKS, DEFENSES
 
 PRESET_PACKAGE = "safe_train"
+DEFAULT_DIST_TIMEOUT_MINUTES = 30.0
 PRESET_DIR = "configs"
 
 
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Also write a mid-epoch checkpoint every M minutes of training (0: off).")
     steps.add_argument("--keep-step-checkpoints", type=int, default=2, metavar="K",
                        help="How many step checkpoints to keep (newest first; default 2).")
+    distributed = parser.add_argument_group("distributed")
+    distributed.add_argument("--dist-timeout-minutes", type=float, default=DEFAULT_DIST_TIMEOUT_MINUTES, metavar="M",
+                             help="How long a collective may wait before the process group aborts (default "
+                                  f"{DEFAULT_DIST_TIMEOUT_MINUTES:g}; torch's NCCL default is 10). Ranks wait "
+                                  "while rank 0 alone scores a global detection reference or writes a checkpoint.")
     for _, callback in CALLBACKS.items():
         callback.add_arguments(parser)
     for _, defense in DEFENSES.items():

@@ -177,6 +177,28 @@ class IdCsvDataset(Dataset):
                         f"{self.ids[index]}; is the image root right?")
 
 
+class IdSyntheticDataset(IdCsvDataset):
+    """OpenCLIP's ``--dataset-type synthetic`` (one black image, one caption, ``--train-num-samples`` times)
+    with the sample id = the index, so per-sample state, selections and resume work as for a CSV."""
+
+    def __init__(self, num_samples: int, image_size: Any, transform: SampleTransform,
+                 caption: str = "Dummy caption", skip_counter: SkipCounter | None = None) -> None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.path = "<synthetic>"
+        self.ids = np.arange(num_samples, dtype=np.int64)
+        self.image = Image.new("RGB", size)
+        self.caption = caption
+        self.transform = transform
+        self.skip_counter = skip_counter
+        self.rng_restore = WorkerRngRestore()
+        self.with_cursor = False
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.transform(self.image, self.caption, int(self.ids[index]))
+        sample["sample_id"] = int(self.ids[index])
+        return sample
+
+
 class EpochSeededSampler(Sampler[int]):
     """Deterministic, rank-consistent shuffling of a subset of positions.
 

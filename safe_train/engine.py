@@ -9,6 +9,7 @@ state synced at epoch boundaries and saved next to each checkpoint, and resumabl
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import itertools
 import json
@@ -42,7 +43,14 @@ from safe_train.checkpoint import (
     sidecar_path,
     step_checkpoint_path,
 )
-from safe_train.data import LoaderInfo, OpenClipTransform, SkipCounter, csv_loader, wds_loader
+from safe_train.data import (
+    IdSyntheticDataset,
+    LoaderInfo,
+    OpenClipTransform,
+    SkipCounter,
+    csv_loader,
+    wds_loader,
+)
 from safe_train.errors import CheckpointError, ConfigError, Preempted
 from safe_train.interface import (
     Callback,
@@ -53,6 +61,7 @@ from safe_train.interface import (
     TrainContext,
     TrainPass,
 )
+from safe_train.openclip.step import synthetic_source
 from safe_train.preemption import StopFlag
 from safe_train.resume import PassPosition, ResumeSkip, is_consumed
 from safe_train.state import SampleTable
@@ -60,6 +69,7 @@ from safe_train.state import SampleTable
 log = logging.getLogger(__name__)
 
 ENGINE_STATE_FILE = "engine.ckpt"  # not *.pt: OpenCLIP's --resume latest globs *.pt
+MAP_STYLE_KINDS = ("csv", "synthetic")  # indexable datasets: csv_loader's samplers, selections and resume
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Engine:
         self.step_checkpoints = step_checkpoints or StepCheckpointPolicy()
         self.step_checkpoints.validate()
         self.stop = StopFlag()
+        self.dist_timeout: datetime.timedelta | None = None  # --dist-timeout-minutes (process group and side group)
         self._pending_stamp: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None  # this rank's state of a step checkpoint being resumed
         self._iter_rng: dict[str, Any] | None = None  # RNG right before the current pass iterator was created
@@ -115,7 +126,20 @@ class Engine:
     def on_parsed_args(self, args) -> None:
         if getattr(args, "horovod", False):
             raise ConfigError("--horovod is not supported; use torchrun or srun (DDP)")
+        if getattr(args, "dataset_type", None) == "synthetic" and getattr(args, "train_data", None) is None:
+            self._check_synthetic(args)
         self.stop.install()
+
+    def _check_synthetic(self, args) -> None:
+        """``--dataset-type synthetic`` is one constant image and caption (a smoke test): sample ids are the
+        indices, so the plain loop and callbacks run on it; a defense that makes views and splits the data by
+        per-sample content needs real samples."""
+        if self.defense.name != "none":
+            raise ConfigError(f"--dataset-type synthetic (one constant image and caption) runs only with "
+                              f"--defense none; --defense {self.defense.name} needs real samples: use a small "
+                              f"CSV or webdataset")
+        if not getattr(args, "train_num_samples", None):
+            raise ConfigError("--dataset-type synthetic needs --train-num-samples N (how many samples an epoch has)")
 
     @property
     def needs_sidecar(self) -> bool:
@@ -149,6 +173,10 @@ class Engine:
         if self.ctx is None:
             self.ctx = TrainContext(args=args, table=SampleTable(), rank=args.rank, world_size=args.world_size,
                                     device=torch.device(args.device))
+            dist.set_comm_device(self.ctx.device)
+            # collective: every rank creates the context in its first epoch; the side group gets the run's
+            # --dist-timeout-minutes (rank 0's global detection scoring waits in it)
+            dist.init_control_group(timeout=self.dist_timeout)
             if self.track_samples:
                 self.ctx.table.add_column("times_seen", np.int32, 0)
                 self.ctx.table.add_column("last_epoch", np.int32, -1)
@@ -166,12 +194,27 @@ class Engine:
         self.main_data = self._build_loader(args, epoch, self._run_selection(), salt=0, main=True)
         return self.main_data
 
+    def _adopt_synthetic(self, args, upstream: Any, epoch: int) -> None:
+        """``--dataset-type synthetic``: OpenCLIP's get_data built its SyntheticDataset (the engine is not asked
+        for it); train on the same image, caption, preprocessing and sampling, with the index as sample id."""
+        source = synthetic_source(upstream, args)
+        if source is None:
+            raise ConfigError(f"safe-train trains on --dataset-type csv, webdataset or synthetic; OpenCLIP's get_data "
+                              f"gave {type(getattr(upstream, 'dataloader', None)).__name__}")
+        ctx = self.ctx
+        ctx.preprocess_train, ctx.tokenizer = source.preprocess, source.tokenizer
+        self.data_kind = "synthetic"
+        self._transform = OpenClipTransform(source.preprocess, source.tokenizer)
+        self._csv_dataset = IdSyntheticDataset(source.num_samples, source.image.size, self._transform,
+                                               caption=source.caption)
+        self.main_data = self._build_loader(args, epoch, self._run_selection(), salt=0, main=True)
+
     def _build_loader(self, args, epoch: int, selection: Selection | None, salt: int, main: bool = False,
                       expected: int | None = None, complete: bool = False,
                       transform: SampleTransform | None = None) -> LoaderInfo:
         counter = self.main_data.skip_counter if self.main_data is not None else SkipCounter()
         transform = transform or self._transform
-        if self.data_kind == "csv":
+        if self.data_kind in MAP_STYLE_KINDS:
             info = csv_loader(args, transform, selection=selection, upstream_order=main, salt=salt,
                               skip_counter=counter, dataset=self._csv_dataset, complete=complete)
             if self._csv_dataset is None:
@@ -201,7 +244,7 @@ class Engine:
         if not pass_.train:
             # an inference pass sees every selected sample (at least once): no dropped last batch
             selection = selection if selection is not None else Selection.excluding(np.zeros(0, np.int64))
-            if self.data_kind == "csv":
+            if self.data_kind in MAP_STYLE_KINDS:
                 return self._build_loader(args, epoch, selection, salt=1 + index, complete=True, transform=transform)
         expected = None
         if self.data_kind == "webdataset" and selection is not None:
@@ -217,6 +260,8 @@ class Engine:
         """Drop-in replacement for ``open_clip_train.train.train_one_epoch``."""
         ctx = self._context(args)
         ctx.model, ctx.optimizer, ctx.scaler, ctx.scheduler, ctx.tb_writer = model, optimizer, scaler, scheduler, tb_writer
+        if self.main_data is None:
+            self._adopt_synthetic(args, data["train"], epoch)
         ctx.epoch = epoch
         ctx.epoch_metrics = {}
         self._pending_stamp = None
@@ -378,8 +423,9 @@ class Engine:
                 ctx.table.record("last_epoch", ids, np.full(len(ids), ctx.epoch, np.int32))
                 self._seen_this_epoch.append(ids)
             if notify:
+                # device tensors: converting here would sync with the GPU every step (hooks convert lazily)
                 out = StepOutput(pass_, result.sample_ids, result.features,
-                                 {k: float(v.detach()) for k, v in result.losses.items()}, i_accum)
+                                 {k: v.detach() for k, v in result.losses.items()}, i_accum)
                 for hook in self.hooks:
                     hook.on_step_end(ctx, out)
             runner.log(i_accum, result, step)
@@ -444,6 +490,7 @@ class Engine:
         if not save_logs:
             return None
         started = time.monotonic()
+        self._flush_hooks(ctx)
         token = dist.broadcast_object(new_token() if ctx.is_master else None)
         path = step_checkpoint_path(args.checkpoint_path, ctx.global_step)
         directory = sidecar_path(path)
@@ -514,7 +561,13 @@ class Engine:
             counter.add_shard(int(shards) - counter.shards)
 
     # ---- epoch end, state and checkpoints -------------------------------------------------------
+    def _flush_hooks(self, ctx: TrainContext) -> None:
+        """Hooks move what they kept on the device into the table / their state (see ``Callback.flush``)."""
+        for hook in self.hooks:
+            hook.flush(ctx)
+
     def _end_epoch(self, ctx: TrainContext, args) -> None:
+        self._flush_hooks(ctx)
         if self.track_samples:
             seen = np.concatenate(self._seen_this_epoch) if self._seen_this_epoch else np.zeros(0, np.int64)
             ids, counts = np.unique(seen, return_counts=True)

@@ -5,7 +5,7 @@ of Lightning callbacks and Composer algorithms:
 
     on_train_start → [per epoch: plan_epoch → on_epoch_start →
         [per pass: (per step: forward → compute_loss → backward/step → on_step_end)] →
-        on_epoch_end] → on_evaluate (after OpenCLIP's evaluation) → state_dict/load_state_dict
+        flush → on_epoch_end] → on_evaluate (after OpenCLIP's evaluation) → state_dict/load_state_dict
 
 A *defense* is a callback that may additionally (a) replace the loss of a step (``compute_loss``),
 (b) run inference passes over data at epoch boundaries (``TrainPass(train=False)``), (c) choose which
@@ -18,7 +18,7 @@ runs; any number of callbacks compose with it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -87,15 +87,49 @@ class TrainPass:
     lr_override: float | None = None
 
 
+class HostLosses(Mapping[str, float]):
+    """Loss terms as Python floats, converted on first read of each key.
+
+    Reading a value waits for the device (a host-device sync), so the loop never converts on its own: a
+    hook that only needs the values now and then pays for exactly those reads.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._floats: dict[str, float] = {}
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._floats:
+            self._floats[key] = float(self._tensors[key])
+        return self._floats[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 @dataclass
 class StepOutput:
-    """What ``on_step_end`` sees: the batch, the detached features and the loss terms of one step."""
+    """What ``on_step_end`` sees: the batch, the detached features and the loss terms of one step.
+
+    Everything stays where the step left it: ``features`` and ``loss_tensors`` are detached tensors on
+    the run's device (0-dim for losses), ``sample_ids`` an int64 host tensor. ``losses`` reads the same
+    terms as floats lazily (:class:`HostLosses`); each read is a host-device sync, so a hook that runs
+    every step should keep device tensors (accumulate them, e.g. in a list or a preallocated buffer) and
+    move them to the host when it logs or at the end of the epoch (:meth:`Callback.flush`).
+    """
 
     pass_: TrainPass
     sample_ids: torch.Tensor
     features: dict[str, torch.Tensor]
-    losses: dict[str, float]
+    loss_tensors: dict[str, torch.Tensor]
     batch_index: int
+    losses: Mapping[str, float] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.losses = HostLosses(self.loss_tensors)
 
 
 @dataclass
@@ -179,11 +213,18 @@ class Callback:
         """Before the first pass of an epoch."""
 
     def on_step_end(self, ctx: TrainContext, step: StepOutput) -> None:
-        """After every optimizer step; ``step.features`` are detached."""
+        """After every optimizer step; ``step.features`` and ``step.loss_tensors`` are detached device tensors.
+        Avoid host conversions here (``float()``, ``.item()``, ``.cpu()``): each one stalls the GPU every step."""
 
     def on_inference_batch(self, ctx: TrainContext, pass_: TrainPass, sample_ids: torch.Tensor,
                            features: dict[str, torch.Tensor]) -> None:
-        """For every batch of an inference pass (``TrainPass(train=False)``)."""
+        """For every batch of an inference pass (``TrainPass(train=False)``); ``features`` are detached device
+        tensors, ``sample_ids`` a host tensor (as in :meth:`on_step_end`)."""
+
+    def flush(self, ctx: TrainContext) -> None:
+        """Move values kept on the device during steps (see :class:`StepOutput`) into ``ctx.table`` or this
+        callback's host state. Called before the table is synced at the end of an epoch and before a step
+        checkpoint is written (so ``state_dict`` and the table's pending records are complete)."""
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
         """After the last pass of an epoch and after ``ctx.table.sync()``: identical on every rank."""

@@ -62,13 +62,25 @@ def gather_rows(local: torch.Tensor, gather: GatherSpec) -> torch.Tensor:
     return torch.cat(chunks, dim=0)
 
 
+def gather_many(tensors: list[torch.Tensor], gather: GatherSpec) -> list[torch.Tensor]:
+    """:func:`gather_rows` of several ``(n, d_i)`` tensors in one collective: each all-gather is a launch and a
+    wait, and a step's loss gathers up to four feature tensors. The tensors ride side by side in one
+    ``(n, sum d_i)`` tensor; concatenation and slicing copy values exactly and route gradients unchanged."""
+    if gather.world_size <= 1:
+        return list(tensors)
+    if len(tensors) == 1 or len({t.dtype for t in tensors}) > 1 or len({len(t) for t in tensors}) > 1:
+        return [gather_rows(t, gather) for t in tensors]  # mixed dtypes or row counts cannot share one block
+    widths = [t.shape[1] for t in tensors]
+    return list(torch.split(gather_rows(torch.cat(tensors, dim=1), gather), widths, dim=1))
+
+
 def contrastive_ce(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor,
                    gather: GatherSpec = SINGLE_PROCESS, *, all_queries: torch.Tensor | None = None,
                    all_keys: torch.Tensor | None = None) -> torch.Tensor:
     """``CE(s · Q · Kᵀ)``: row i of ``queries`` has column i of ``keys`` as its positive.
 
     ``all_queries`` / ``all_keys`` are the already gathered tensors, when the caller gathers once for
-    several terms (they must come from :func:`gather_rows` of the same inputs).
+    several terms (they must come from :func:`gather_rows` / :func:`gather_many` of the same inputs).
     """
     if gather.world_size > 1:
         all_keys = gather_rows(keys, gather) if all_keys is None else all_keys
@@ -83,10 +95,12 @@ def contrastive_ce(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-              gather: GatherSpec = SINGLE_PROCESS) -> torch.Tensor:
-    """``L_CLIP(I, T) = (CE(s·I·Tᵀ) + CE(s·T·Iᵀ)) / 2``; each side is gathered once."""
-    all_image = gather_rows(image, gather)
-    all_text = gather_rows(text, gather)
+              gather: GatherSpec = SINGLE_PROCESS, *, all_image: torch.Tensor | None = None,
+              all_text: torch.Tensor | None = None) -> torch.Tensor:
+    """``L_CLIP(I, T) = (CE(s·I·Tᵀ) + CE(s·T·Iᵀ)) / 2``; both sides travel in one all-gather (or come
+    already gathered from a caller that gathers several terms' features at once)."""
+    if gather.world_size > 1 and (all_image is None or all_text is None):
+        all_image, all_text = gather_many([image, text], gather)
     return (contrastive_ce(image, text, logit_scale, gather, all_queries=all_image, all_keys=all_text)
             + contrastive_ce(text, image, logit_scale, gather, all_queries=all_text, all_keys=all_image)) / 2
 
@@ -94,45 +108,61 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 class FeatureBank:
     """FIFO bank of past (gathered) embeddings, for nearest-neighbour positives (NNCLR) or caption pools.
 
-    Every rank enqueues the same gathered rows, so every rank holds the same bank. It lives on the
-    device of the first enqueued features (no host round trip per step) and is checkpointed through
-    :meth:`state_dict`.
+    Every rank enqueues the same gathered rows, so every rank holds the same bank. It lives on the run's
+    device (``device``: the model's), so a lookup and an enqueue never leave it; only
+    :meth:`state_dict` copies it to the host. Rows that are not finite (an fp16 overflow in a step the
+    GradScaler then skips) are not enqueued: their slot keeps its previous entry, and :attr:`rejected`
+    counts them on the device (read it at the end of an epoch, not per step).
     """
 
-    def __init__(self, size: int, dim: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.features = F.normalize(torch.randn(size, dim, generator=generator), dim=-1)
+    def __init__(self, size: int, dim: int, seed: int, device: torch.device | str | None = None) -> None:
+        generator = torch.Generator().manual_seed(seed)  # drawn on the host: the same bank on any device
+        self.features = F.normalize(torch.randn(size, dim, generator=generator), dim=-1).to(device or "cpu")
         self.pointer = 0
+        self.rejected = torch.zeros((), dtype=torch.int64, device=self.features.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
 
     def nearest(self, queries: torch.Tensor) -> torch.Tensor:
         """Each query's cosine nearest neighbour in the bank (detached)."""
-        bank = self.features.to(device=queries.device, dtype=queries.dtype)
+        bank = self.features.to(device=queries.device, dtype=queries.dtype)  # (same device: a dtype cast at most)
         index = (F.normalize(queries.detach(), dim=-1) @ bank.T).argmax(dim=1)
         return bank[index]
 
     def enqueue(self, features: torch.Tensor) -> None:
+        """Write ``features`` at the pointer (wrapping around). No host sync: the row count is known on the
+        host and non-finite rows are masked on the device."""
         features = features.detach().float().to(self.features.device)
         size = len(self.features)
         if len(features) >= size:
-            self.features = features[-size:].clone()
+            features = features[-size:]
+            self.features = self._finite(features, self.features).clone()
             self.pointer = 0
             return
         end = self.pointer + len(features)
         if end <= size:
-            self.features[self.pointer:end] = features
+            self.features[self.pointer:end] = self._finite(features, self.features[self.pointer:end])
         else:
             split = size - self.pointer
-            self.features[self.pointer:] = features[:split]
-            self.features[:end - size] = features[split:]
+            self.features[self.pointer:] = self._finite(features[:split], self.features[self.pointer:])
+            self.features[:end - size] = self._finite(features[split:], self.features[:end - size])
         self.pointer = end % size
+
+    def _finite(self, rows: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """``rows`` with every non-finite row replaced by the entry it would overwrite (counted)."""
+        bad = ~torch.isfinite(rows).all(dim=1)
+        self.rejected += bad.sum()
+        return torch.where(bad.unsqueeze(1), previous, rows)
 
     def state_dict(self) -> dict:
         return {"features": self.features.detach().cpu().clone(), "pointer": self.pointer}
 
     @staticmethod
-    def from_state(state: dict) -> FeatureBank:
+    def from_state(state: dict, device: torch.device | str | None = None) -> FeatureBank:
         features = state["features"]
-        bank = FeatureBank(len(features), features.shape[1], seed=0)
-        bank.features = features.clone().float()
+        bank = FeatureBank(len(features), features.shape[1], seed=0, device=device)
+        bank.features = features.clone().float().to(bank.device)
         bank.pointer = int(state["pointer"])
         return bank

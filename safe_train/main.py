@@ -7,6 +7,7 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import multiprocessing
 import pickle
@@ -20,7 +21,7 @@ from safe_train import openclip as oc
 from safe_train.args import build_parser, create_callbacks, create_defense, expand_configs, load_id_list
 from safe_train.checkpoint import unpickling_reason
 from safe_train.engine import Engine, StepCheckpointPolicy
-from safe_train.errors import EXIT_PREEMPTED, CheckpointError, Preempted, SafeTrainError, report
+from safe_train.errors import EXIT_PREEMPTED, CheckpointError, ConfigError, Preempted, SafeTrainError, report
 from safe_train.model_configs import register_model_configs
 
 
@@ -40,8 +41,11 @@ def build_engine(argv: list[str]) -> tuple[Engine, list[str]]:
     blocklist = load_id_list(ours.blocklist) if ours.blocklist else None
     register_model_configs()
     policy = StepCheckpointPolicy(ours.save_every_n_steps, ours.save_every_minutes, ours.keep_step_checkpoints)
+    if not ours.dist_timeout_minutes > 0:
+        raise ConfigError(f"--dist-timeout-minutes must be > 0 (got {ours.dist_timeout_minutes:g})")
     engine = Engine(create_defense(ours), create_callbacks(ours), blocklist=blocklist,
                     track_samples=ours.track_samples, step_checkpoints=policy)
+    engine.dist_timeout = datetime.timedelta(minutes=ours.dist_timeout_minutes)  # read by patched_openclip
     return engine, upstream_argv
 
 

@@ -73,6 +73,14 @@ def _project_losses(term: str, x: dict[str, torch.Tensor], scale: torch.Tensor,
 
 def _worker(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    all_gather = dist.all_gather  # counted: torch.distributed.nn's gather-with-grad calls it too
+    gathers = [0]
+
+    def counted_all_gather(*args, **kwargs):
+        gathers[0] += 1
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counted_all_gather
     try:
         results = {}
         for term in TERM_INPUTS:
@@ -82,15 +90,19 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
                 scale = torch.tensor(SCALE, requires_grad=True)
                 gather = GatherSpec(rank=rank, world_size=WORLD, local_loss=local_loss,
                                     gather_with_grad=gather_with_grad)
+                gathers[0] = 0
                 losses = _project_losses(term, x, scale, gather)
+                forward_gathers = gathers[0]
                 sum(losses.values()).backward()
                 results[f"{term}:{_combo_key(local_loss, gather_with_grad)}"] = {
+                    "gathers": forward_gathers,
                     "losses": {name: loss.detach() for name, loss in losses.items()},
                     "grads": {name: t.grad for name, t in x.items()},  # None: a rank's rows got no gradient
                     "scale_grad": scale.grad,
                 }
         torch.save(results, f"{out_file}.{rank}")
     finally:
+        dist.all_gather = all_gather
         dist.destroy_process_group()
 
 
@@ -178,3 +190,11 @@ def test_safeclip_clip_term_gradients_on_two_ranks_equal_one_process(two_ranks):
 def test_cleanclip_clip_and_ss_gradients_reach_augmented_views_as_in_one_process(two_ranks):
     # image_aug/text_aug are keys only in L_SS
     _assert_two_ranks_match_single_process("cleanclip", two_ranks)
+
+
+def test_every_term_gathers_its_features_in_one_collective(two_ranks):
+    """A step's loss launches one all-gather whatever it reads (OpenCLIP's ClipLoss launches two, one per
+    modality): on NCCL each is a launch and a wait across all GPUs."""
+    for rank in range(WORLD):
+        for key, result in two_ranks[rank].items():
+            assert result["gathers"] == 1, f"rank {rank}, {key}: {result['gathers']} all-gathers"

@@ -40,29 +40,51 @@ class SimilarityRecorder(Callback):
     def __init__(self, config: SimilarityConfig | None = None) -> None:
         self.config = config or SimilarityConfig(record_similarity=True)
 
+    #: Pending similarities move to the table once this many are buffered (bounds device memory).
+    FLUSH_ROWS = 1 << 20
+
     def setup(self, ctx: TrainContext) -> None:
         ctx.table.add_column("train_similarity", np.float32, np.nan)
         ctx.table.add_column("similarity_epoch", np.int32, -1)
         self._sum = 0.0
         self._count = 0
+        # steps not yet in the table: (host ids, epoch, device similarities); moved in :meth:`flush`
+        self._pending: list[tuple[np.ndarray, int, torch.Tensor]] = []
+        self._pending_rows = 0
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         self._sum, self._count = 0.0, 0
 
     def on_step_end(self, ctx: TrainContext, step: StepOutput) -> None:
+        """Compute on the device and keep the result there: a host copy per step would stall the GPU."""
         image = step.features.get("image_features")
         text = step.features.get("text_features")
         if image is None or text is None:
             return
-        similarity = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1).cpu().numpy()
-        ids = step.sample_ids.cpu().numpy()
-        ctx.table.record("train_similarity", ids, similarity)
-        ctx.table.record("similarity_epoch", ids, np.full(len(ids), ctx.epoch, np.int32))
-        self._sum += float(similarity.sum())
-        self._count += len(similarity)
+        similarity = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
+        self._pending.append((step.sample_ids.numpy(force=True), ctx.epoch, similarity))
+        self._pending_rows += len(similarity)
+        if self._pending_rows >= self.FLUSH_ROWS:
+            self.flush(ctx)
+
+    def flush(self, ctx: TrainContext) -> None:
+        """One device-to-host copy of everything buffered, recorded step by step in the original order."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        values = torch.cat([v for _, _, v in pending]).cpu().numpy()
+        start = 0
+        for ids, epoch, similarity in pending:
+            part = values[start:start + len(similarity)]
+            start += len(similarity)
+            ctx.table.record("train_similarity", ids, part)
+            ctx.table.record("similarity_epoch", ids, np.full(len(ids), epoch, np.int32))
+            self._sum += float(part.sum())  # per step, as a float32 sum of that step's values
+            self._count += len(part)
 
     def state_dict(self) -> dict[str, float]:
-        """The epoch's running sum (a mid-epoch checkpoint keeps it; at an epoch end it is reset anyway)."""
+        """The epoch's running sum (a mid-epoch checkpoint keeps it; at an epoch end it is reset anyway).
+        The engine flushes before it asks (``Callback.flush``)."""
         return {"sum": self._sum, "count": self._count}
 
     def load_state_dict(self, state: dict[str, float]) -> None:

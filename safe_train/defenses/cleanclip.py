@@ -35,7 +35,7 @@ from safe_train.augment import EdaAugmenter, autoaugment_view
 from safe_train.errors import ConfigError
 from safe_train.flags import FlagConfig, check, option
 from safe_train.interface import Defense, SampleTransform, TrainContext, TrainPass
-from safe_train.losses import SINGLE_PROCESS, GatherSpec, contrastive_ce, gather_rows
+from safe_train.losses import SINGLE_PROCESS, GatherSpec, contrastive_ce, gather_many
 from safe_train.registry import DEFENSES
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,22 @@ def cleanclip_losses(image: torch.Tensor, text: torch.Tensor, image_aug: torch.T
     """{"clip_loss": λ1·L_CLIP, "ss_loss": λ2·L_SS} of normalised embeddings; ``logit_scale`` already exp'd.
 
     With ``image_aug``/``text_aug`` None (λ2 = 0), ``ss_loss`` is a zero that keeps the log's columns.
-    Each tensor is gathered across ranks once (:mod:`safe_train.losses`).
+    Across ranks all four tensors travel in one all-gather (:func:`safe_train.losses.gather_many`).
     """
-    all_image = gather_rows(image, gather)
-    all_text = gather_rows(text, gather)
+    views = image_aug is not None and text_aug is not None
+    all_image = all_text = all_image_aug = all_text_aug = None
+    if gather.world_size > 1:  # one all-gather for everything the step's terms read
+        if views:
+            all_image, all_text, all_image_aug, all_text_aug = gather_many([image, text, image_aug, text_aug], gather)
+        else:
+            all_image, all_text = gather_many([image, text], gather)
     clip = (contrastive_ce(image, text, logit_scale, gather, all_queries=all_image, all_keys=all_text)
             + contrastive_ce(text, image, logit_scale, gather, all_queries=all_text, all_keys=all_image)) / 2
-    if image_aug is None or text_aug is None:
+    if not views:
         ss = torch.zeros((), device=clip.device, dtype=clip.dtype)
     else:
-        ss = (contrastive_ce(image, image_aug, logit_scale, gather, all_queries=all_image)
-              + contrastive_ce(text, text_aug, logit_scale, gather, all_queries=all_text)) / 2
+        ss = (contrastive_ce(image, image_aug, logit_scale, gather, all_queries=all_image, all_keys=all_image_aug)
+              + contrastive_ce(text, text_aug, logit_scale, gather, all_queries=all_text, all_keys=all_text_aug)) / 2
     return {"clip_loss": clip_weight * clip, "ss_loss": ss_weight * ss}
 
 

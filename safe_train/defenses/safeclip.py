@@ -54,7 +54,7 @@ from safe_train.augment import EdaAugmenter, simclr_view
 from safe_train.errors import ConfigError
 from safe_train.flags import FlagConfig, option
 from safe_train.interface import Defense, Selection, StepOutput, TrainContext, TrainPass
-from safe_train.losses import SINGLE_PROCESS, FeatureBank, GatherSpec, clip_loss, contrastive_ce
+from safe_train.losses import SINGLE_PROCESS, FeatureBank, GatherSpec, clip_loss, contrastive_ce, gather_many
 from safe_train.manifest import Manifest
 from safe_train.registry import DEFENSES
 from safe_train.wordnet import ensure_wordnet
@@ -172,17 +172,32 @@ def choose_safe(posterior: np.ndarray, ratio: float | None, threshold: float) ->
 def unimodal_loss(image1: torch.Tensor, image2: torch.Tensor, text1: torch.Tensor, text2: torch.Tensor,
                   logit_scale: torch.Tensor, gather: GatherSpec = SINGLE_PROCESS, image_bank: FeatureBank | None = None,
                   text_bank: FeatureBank | None = None) -> torch.Tensor:
-    """``L_uni = (CE(s·I2·A1ᵀ) + CE(s·T2·B1ᵀ)) / 2``: A1, B1 are view 1 or its nearest neighbour in a bank."""
+    """``L_uni = (CE(s·I2·A1ᵀ) + CE(s·T2·B1ᵀ)) / 2``: A1, B1 are view 1 or its nearest neighbour in a bank.
+
+    Across ranks everything one step needs travels in one all-gather (the keys only, with ``--local-loss``).
+    """
     image_keys = image_bank.nearest(image1) if image_bank is not None else image1
     text_keys = text_bank.nearest(text1) if text_bank is not None else text1
-    return (contrastive_ce(image2, image_keys, logit_scale, gather)
-            + contrastive_ce(text2, text_keys, logit_scale, gather)) / 2
+    if gather.world_size <= 1:
+        return (contrastive_ce(image2, image_keys, logit_scale) + contrastive_ce(text2, text_keys, logit_scale)) / 2
+    if gather.local_loss:
+        all_image_keys, all_text_keys = gather_many([image_keys, text_keys], gather)
+        all_image2 = all_text2 = None
+    else:
+        all_image2, all_image_keys, all_text2, all_text_keys = gather_many([image2, image_keys, text2, text_keys],
+                                                                           gather)
+    return (contrastive_ce(image2, image_keys, logit_scale, gather, all_queries=all_image2, all_keys=all_image_keys)
+            + contrastive_ce(text2, text_keys, logit_scale, gather, all_queries=all_text2, all_keys=all_text_keys)) / 2
 
 
 def multimodal_loss(image1: torch.Tensor, image2: torch.Tensor, text1: torch.Tensor, text2: torch.Tensor,
                     logit_scale: torch.Tensor, gather: GatherSpec = SINGLE_PROCESS) -> torch.Tensor:
-    """``L_mm = (L_CLIP(I1, T2) + L_CLIP(I2, T1)) / 2``, the multimodal warmup on views."""
-    return (clip_loss(image1, text2, logit_scale, gather) + clip_loss(image2, text1, logit_scale, gather)) / 2
+    """``L_mm = (L_CLIP(I1, T2) + L_CLIP(I2, T1)) / 2``, the multimodal warmup on views; one all-gather."""
+    all_i1 = all_t2 = all_i2 = all_t1 = None
+    if gather.world_size > 1:
+        all_i1, all_t2, all_i2, all_t1 = gather_many([image1, text2, image2, text1], gather)
+    return (clip_loss(image1, text2, logit_scale, gather, all_image=all_i1, all_text=all_t2)
+            + clip_loss(image2, text1, logit_scale, gather, all_image=all_i2, all_text=all_t1)) / 2
 
 
 @dataclass
@@ -277,6 +292,10 @@ class SafeClip(Defense):
         self._seed = 0
         self._gather = GatherSpec()
         self._transform: SafeClipTransform | None = None
+        self._device = torch.device("cpu")  # the model's (ctx.device): banks and buffered similarities live there
+        # similarities of steps / inference batches not yet in the table: (host ids, device values)
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        self._pending_rows = 0
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
@@ -290,6 +309,7 @@ class SafeClip(Defense):
         ctx.table.add_column("safe", bool, False)
         self._seed = int(getattr(ctx.args, "seed", 0))
         self._gather = GatherSpec.from_args(ctx.args)
+        self._device = torch.device(ctx.device)
 
     def sample_transform(self, ctx: TrainContext) -> SafeClipTransform:
         image_size = _image_size(ctx.preprocess_val)
@@ -311,7 +331,7 @@ class SafeClip(Defense):
     def on_train_start(self, ctx: TrainContext) -> None:
         if self.bank_size and not self.banks:
             dim = _embed_dim(ctx.model)
-            self.banks = {key: FeatureBank(self.bank_size, dim, seed=self._seed * 2 + i)
+            self.banks = {key: FeatureBank(self.bank_size, dim, seed=self._seed * 2 + i, device=self._device)
                           for i, key in enumerate(("image", "text"))}
 
     # ---- the plan -----------------------------------------------------------------------------
@@ -389,11 +409,16 @@ class SafeClip(Defense):
 
     # ---- per-step and per-epoch bookkeeping ----------------------------------------------------
     def on_step_end(self, ctx: TrainContext, step: StepOutput) -> None:
+        """Enqueue view 1 into the banks and keep the in-loop similarities, all on the device (no host sync)."""
         features = step.features
         if self.banks and step.pass_.mode == "unimodal":
-            for key, name in (("image", "image_features"), ("text", "text_view1_features")):
-                gathered = dist.all_gather_tensor(features[name].float()) if ctx.distributed else features[name]
-                self.banks[key].enqueue(gathered)
+            image, text = features["image_features"], features["text_view1_features"]
+            if ctx.distributed:  # both banks' rows in one all-gather
+                dim = image.shape[1]
+                both = dist.all_gather_tensor(torch.cat([image.float(), text.float()], dim=1))
+                image, text = both[:, :dim], both[:, dim:]
+            self.banks["image"].enqueue(image)
+            self.banks["text"].enqueue(text)
         if self.similarity_mode == "inloop":
             self._record_similarity(ctx, step.sample_ids, features)
 
@@ -402,12 +427,37 @@ class SafeClip(Defense):
         if pass_.mode == "similarity":
             self._record_similarity(ctx, sample_ids, features)
 
-    @staticmethod
-    def _record_similarity(ctx: TrainContext, sample_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+    #: Buffered similarities are moved to the table once this many are pending (bounds device memory: one
+    #: host sync per about a million samples instead of one per step).
+    FLUSH_ROWS = 1 << 20
+
+    def _record_similarity(self, ctx: TrainContext, sample_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
         similarity = F.cosine_similarity(features["image_features"].float(), features["text_features"].float(), dim=-1)
-        ctx.table.record("similarity", sample_ids.cpu().numpy(), similarity.cpu().numpy())
+        self._pending.append((sample_ids.numpy(force=True), similarity))
+        self._pending_rows += len(similarity)
+        if self._pending_rows >= self.FLUSH_ROWS:
+            self.flush(ctx)
+
+    def flush(self, ctx: TrainContext) -> None:
+        """Record the buffered similarities in the table, in the order they were computed (one copy)."""
+        if not self._pending:
+            return
+        ids = np.concatenate([i for i, _ in self._pending])
+        values = torch.cat([v for _, v in self._pending]).cpu().numpy()
+        self._pending, self._pending_rows = [], 0
+        ctx.table.record("similarity", ids, values)
+
+    def on_epoch_start(self, ctx: TrainContext) -> None:
+        for bank in self.banks.values():
+            bank.rejected.zero_()
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
+        if self.banks:
+            rejected = int(sum(bank.rejected for bank in self.banks.values()))  # once per epoch
+            ctx.log_metric("safeclip_bank_rejected_rows", rejected)
+            if rejected and ctx.is_master:
+                logging.warning(f"SafeCLIP: {rejected} non-finite embedding rows were not enqueued into the memory "
+                                f"bank in epoch {ctx.epoch} (fp16 overflow?); their slots kept older entries")
         next_epoch = ctx.epoch + 1
         if next_epoch < self.first_split_epoch or next_epoch >= ctx.args.epochs:
             return
@@ -467,8 +517,9 @@ class SafeClip(Defense):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"ratio": self.ratio}
         for key, bank in self.banks.items():
-            state[f"bank_{key}"] = bank.features.clone()
+            state[f"bank_{key}"] = bank.features.detach().cpu().clone()  # at checkpoints only
             state[f"bank_{key}_pointer"] = bank.pointer
+            state[f"bank_{key}_rejected"] = int(bank.rejected)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,7 +527,8 @@ class SafeClip(Defense):
         for key in ("image", "text"):
             if f"bank_{key}" in state:
                 self.banks[key] = FeatureBank.from_state({"features": state[f"bank_{key}"],
-                                                          "pointer": state[f"bank_{key}_pointer"]})
+                                                          "pointer": state[f"bank_{key}_pointer"]}, self._device)
+                self.banks[key].rejected += int(state.get(f"bank_{key}_rejected", 0))
 
 
 def _image_size(preprocess: Any) -> int:

@@ -1,13 +1,24 @@
 """In-loop backdoor-sample detection (``--detect kdist,...``): scores from the embeddings training already computed.
 
 Batch reference (default, the paper's setting): after every optimizer step the step's image and
-caption embeddings are all-gathered, every rank scores the same global batch, and each rank records
-the scores of its own samples in the sample table (synced at the epoch end). No extra forward pass:
-the cost is one ``2B x 2B`` distance matrix per step.
+caption embeddings are all-gathered on the training device (NCCL: they never leave the GPU; the row
+counts go through the gloo control group), and each rank scores *its own* images against the whole
+gathered batch (images and captions) and records them in the sample table (synced at the epoch end).
+Each sample's score is decided by exactly one rank, so the synced table, and with it
+``--detect-action drop``, is the same on every rank. No extra forward pass: the cost is the reference's
+``2B x 2B`` self-join plus ``B/world x 2B`` for the own queries per step. The kNN runs on the device
+(IEEE fp32, whatever OpenCLIP's TF32 switch says: ``knn.exact_fp32_matmul``); the neighbour lists and the
+scores come to the host once per step (the detectors are NumPy code).
 
-Global reference: the epoch's embeddings are kept (CPU, float32, ``N x 2d`` per process after the
-gather: mind the memory at scale), and at the epoch end rank 0 scores every sample against a random
-reference sample of ``--detect-reference-size`` pairs (or the whole epoch) and broadcasts the scores.
+Global reference: each rank keeps its own share of the epoch's embeddings (CPU, float32), and at the
+epoch end they are gathered to rank 0 only (``dist.gather_to_rank0``: raw bytes in bounded chunks
+through the gloo control group, so no GPU memory and no full copy on the other ranks). Rank 0 scores
+every sample against a random reference sample of ``--detect-reference-size`` pairs (or the whole
+epoch) and broadcasts the scores (``dist.broadcast_array``, again through gloo). Meanwhile the other
+ranks wait in that gloo broadcast, not in an NCCL collective, so NCCL's watchdog sees nothing pending;
+the wait is bounded by the control group's timeout (the run's ``--dist-timeout-minutes`` when the
+engine passes it to ``dist.init_control_group``; torch's gloo default, 30 minutes, otherwise): size
+``--detect-reference-size`` so that rank 0's scoring stays well inside it.
 
 Embeddings: OpenCLIP's forward returns L2-normalised features and the norm cannot be recovered
 without an extra pass or hooks into model internals, so in-loop scores use the normalised
@@ -49,8 +60,8 @@ log = logging.getLogger(__name__)
 
 
 def gather_rows(x: torch.Tensor) -> tuple[np.ndarray, list[int]]:
-    """All-gather a 2-D float tensor (any number of rows per rank); returns the rows in rank order and the
-    per-rank row counts."""
+    """All-gather a 2-D float tensor (any number of rows per rank) to the host; returns the rows in rank order
+    and the per-rank row counts. (The step hook gathers on the device instead: ``dist.all_gather_rows``.)"""
     array = x.detach().float().cpu().numpy()
     width = array.shape[1]
     parts = dist.gather_arrays(array.reshape(-1))
@@ -185,23 +196,28 @@ class DetectionCallback(Callback):
         if self.reference == "global":
             self._epoch_rows.append((ids, image.detach().float().cpu().numpy(), text.detach().float().cpu().numpy()))
             return
-        all_image, counts = gather_rows(image)
-        all_text, _ = gather_rows(text)
-        if not (np.isfinite(all_image).all() and np.isfinite(all_text).all()):  # the same on every rank
-            self._skip_non_finite(len(ids), "a batch with")
-            return
         with torch.no_grad():
+            counts = dist.all_gather_counts(len(ids))  # gloo control group: no CUDA synchronisation
+            all_image = dist.all_gather_rows(image.detach().float(), counts)  # stays on the device
+            all_text = dist.all_gather_rows(text.detach().float(), counts)
+            finite = bool(torch.isfinite(all_image).all() & torch.isfinite(all_text).all())  # one sync
+            if not finite:  # the same on every rank: the gathered batch is
+                self._skip_non_finite(len(ids), "a batch with")
+                return
+            start = sum(counts[: ctx.rank])
             scores = batch_scores(all_image, all_text, self.detectors, k=self.k, metric=self.metric, seed=self.seed,
-                                  **self._knn_kwargs(ctx))
-        start = sum(counts[: ctx.rank])
-        own = slice(start, start + len(ids))
+                                  queries=slice(start, start + len(ids)), **self._knn_kwargs(ctx))
         for name, values in scores.items():
-            ctx.table.record(f"score_{name}", ids, values[own].astype(np.float32))
+            ctx.table.record(f"score_{name}", ids, values.astype(np.float32))
         ctx.table.record("score_epoch", ids, np.full(len(ids), ctx.epoch, np.int32))
 
     # ---- per epoch -------------------------------------------------------------------------------
     def _global_epoch_scores(self, ctx: TrainContext) -> None:
-        """Score the whole epoch against a reference sample on rank 0; every rank writes the same values."""
+        """Score the whole epoch against a reference sample on rank 0; every rank writes the same values.
+
+        Only rank 0 ever holds the whole epoch (``dist.gather_to_rank0``); the other ranks wait for its scores
+        in a gloo broadcast (see the module docstring: ``--dist-timeout-minutes`` bounds that wait)."""
+        dist.init_control_group()  # a no-op once the engine made it; collective: every rank is here
         if self._epoch_rows:
             ids = np.concatenate([r[0] for r in self._epoch_rows])
             image = np.concatenate([r[1] for r in self._epoch_rows])
@@ -210,10 +226,10 @@ class DetectionCallback(Callback):
             width = 0
             ids, image, text = np.zeros(0, np.int64), np.zeros((0, width), np.float32), np.zeros((0, width), np.float32)
         self._epoch_rows = []
-        all_ids = np.concatenate(dist.gather_arrays(ids))
         width = max(dist.all_reduce_int(image.shape[1] if len(ids) else 0, op="max"), 1)
-        all_image = np.concatenate(dist.gather_arrays(image.reshape(-1))).reshape(-1, width)
-        all_text = np.concatenate(dist.gather_arrays(text.reshape(-1))).reshape(-1, width)
+        all_ids = dist.gather_to_rank0(ids)  # None on the other ranks: only rank 0 holds the epoch
+        all_image = dist.gather_to_rank0(np.ascontiguousarray(image, np.float32).reshape(-1, width))
+        all_text = dist.gather_to_rank0(np.ascontiguousarray(text, np.float32).reshape(-1, width))
         result = None
         if ctx.is_master and len(all_ids):  # rank 0 decides; the counts below are rank 0's
             # one row per id (repeats from resampling/padding: the last one wins, as in the table)
@@ -225,11 +241,15 @@ class DetectionCallback(Callback):
             scores = global_scores(all_image[keep], all_text[keep], self.detectors,
                                    reference_size=self.reference_size, k=self.k, metric=self.metric, seed=self.seed,
                                    **self._knn_kwargs(ctx))
-            result = (all_ids[keep], {n: v.astype(np.float32) for n, v in scores.items()})
-        result = dist.broadcast_object(result)
-        if result is None:
+            result = (all_ids[keep], np.stack([scores[n].astype(np.float32) for n in self.detectors], axis=1))
+        del all_ids, all_image, all_text
+        if ctx.is_master and result is None:
+            result = (np.zeros(0, np.int64), np.zeros((0, len(self.detectors)), np.float32))
+        ids = dist.broadcast_array(result[0] if ctx.is_master else None)  # the others wait here, in gloo
+        matrix = dist.broadcast_array(result[1] if ctx.is_master else None)
+        if not len(ids):
             return
-        ids, scores = result
+        scores = {name: matrix[:, j] for j, name in enumerate(self.detectors)}
         ctx.table.register(ids)
         for name, values in scores.items():
             ctx.table.set(f"score_{name}", ids, values)

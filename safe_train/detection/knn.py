@@ -37,23 +37,40 @@ Backends:
   ``"auto"`` (default) is ``"bf16"`` on CPUs with native bf16 GEMMs (``bf16_is_fast``) for searches
   of at least ``AUTO_BF16_MIN_PAIRS`` query-reference pairs, else ``"fp32"``: below that the split and
   re-rank cost more than the faster GEMM saves (a 1,024-sample batch reference is 3-4x slower in bf16).
-  ``"auto"`` never picks bf16 on CUDA (neither timed nor tested on GPUs).
+  ``"auto"`` never picks bf16 on CUDA (neither timed nor proven exact on GPUs): there it is always ``"fp32"``.
 - ``faiss``: ``flat`` (exact, IndexFlatL2 / IndexFlatIP) or ``ivf`` (IndexIVFFlat, approximate:
   ``nlist`` inverted lists, ``nprobe`` visited per query). Uses faiss-gpu when it is importable and
-  ``device`` is CUDA. Searches ``k + e`` neighbours and removes the excluded ones afterwards.
+  ``device`` is CUDA (one ``StandardGpuResources`` per GPU, cached for the process: building it allocates
+  scratch memory and streams). Searches ``k + e`` neighbours and removes the excluded ones afterwards.
+
+Precision of the GEMMs: OpenCLIP sets ``torch.backends.cuda.matmul.allow_tf32 = True`` whenever CUDA is
+available, and ``torch.set_float32_matmul_precision("high" / "medium")`` lets oneDNN use bf16 for fp32
+matrix products on CPUs too. TF32 keeps 10 mantissa bits: a near-duplicate pair at distance 0.011 gets
+~24% relative error instead of 0.03%, and near-duplicate clusters are exactly what poisons form. So every
+:func:`knn` call runs under :func:`exact_fp32_matmul` (IEEE fp32 GEMMs, the caller's settings restored
+afterwards, also on exceptions): in-loop scores then equal those of ``safe-train detect``.
+
+Tiles on CUDA: with the default ``max_tile_elements=None`` a CPU search uses ``DEFAULT_TILE_ELEMENTS``
+(32 MB of distances per tile, cache-friendly), a CUDA search :func:`tile_elements`: a distance block of
+up to ``CUDA_TILE_FRACTION`` of the device's free memory, between ``DEFAULT_TILE_ELEMENTS`` and
+``CUDA_MAX_TILE_ELEMENTS`` (small GEMMs leave a GPU idle). The exclusion matrix is copied to the device
+once per call and masked without host synchronisation; results are copied back once per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from safe_train.detection.knn_bf16 import GROUP, REFERENCE_TILE, bf16_is_fast, mask_exclusions, torch_knn_bf16
 
-__all__ = ["AUTO_BF16_MIN_PAIRS", "BACKENDS", "DEFAULT_TILE_ELEMENTS", "METRICS", "PRECISIONS",
-           "bf16_is_fast", "faiss_available", "knn"]
+__all__ = ["AUTO_BF16_MIN_PAIRS", "BACKENDS", "CUDA_MAX_TILE_ELEMENTS", "CUDA_TILE_FRACTION", "DEFAULT_TILE_ELEMENTS",
+           "METRICS", "PRECISIONS", "bf16_is_fast", "exact_fp32_matmul", "faiss_available", "knn", "tile_elements"]
 
 Array = np.ndarray | torch.Tensor
 
@@ -65,6 +82,74 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # at 8,192, 0.5-0.8 at 16,384; d = 128 and 512)
 AUTO_BF16_MIN_PAIRS = 8192 * 8192
 DEFAULT_TILE_ELEMENTS = 1 << 23  # 8M distances = 32 MB of float32 per tile
+CUDA_MAX_TILE_ELEMENTS = 1 << 28  # 1 GB of float32 distances per tile at most on a GPU
+CUDA_TILE_FRACTION = 16  # a CUDA tile's distance block takes at most 1/16 of the free device memory: the
+# two-stage top-k and the merge add about as much again, and training's activations must still fit
+
+# legacy switches and the per-backend ``fp32_precision`` settings (torch >= 2.9) that choose how fp32
+# matrix products are computed; ``exact_fp32_matmul`` saves and restores all of them
+_PRECISION_PATHS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+                    "mkldnn.rnn")
+
+
+def _backend(path: str) -> Any:
+    node: Any = torch.backends
+    for part in filter(None, path.split(".")):
+        node = getattr(node, part, None)
+    return node
+
+
+def _legacy_precision() -> tuple[Any, Any, Any]:
+    """``(cuda.matmul.allow_tf32, cudnn.allow_tf32, get_float32_matmul_precision())``; None where torch >= 2.9
+    refuses to answer (the caller mixed the legacy and the per-backend settings)."""
+    values: list[Any] = []
+    for read in (lambda: torch.backends.cuda.matmul.allow_tf32, lambda: torch.backends.cudnn.allow_tf32,
+                 torch.get_float32_matmul_precision):
+        try:
+            values.append(read())
+        except RuntimeError:
+            values.append(None)
+    return values[0], values[1], values[2]
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul() -> Iterator[None]:
+    """IEEE float32 matrix products inside (no TF32 on CUDA, no bf16 passes in oneDNN), whatever the caller
+    (OpenCLIP: ``allow_tf32 = True``) set; every setting restored on exit, also after an exception.
+
+    Restores the legacy switches first, then any per-backend ``fp32_precision`` that differs: that order
+    leaves both the settings and the readability of the legacy getters as they were (torch 2.9+ raises on a
+    legacy read after a mix of both APIs)."""
+    legacy = _legacy_precision()
+    per_backend = [(path, getattr(_backend(path), "fp32_precision", None)) for path in _PRECISION_PATHS]
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        matmul_tf32, cudnn_tf32, matmul_precision = legacy
+        if matmul_tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        if cudnn_tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        if matmul_precision is not None:
+            torch.set_float32_matmul_precision(matmul_precision)
+        for path, value in per_backend:
+            node = _backend(path)
+            if value is not None and getattr(node, "fp32_precision", value) != value:
+                node.fp32_precision = value
+
+
+def tile_elements(device: str | torch.device | None) -> int:
+    """Distances per tile for ``device``: ``DEFAULT_TILE_ELEMENTS`` on the CPU; on CUDA 1/``CUDA_TILE_FRACTION``
+    of the free device memory, clamped to ``[DEFAULT_TILE_ELEMENTS, CUDA_MAX_TILE_ELEMENTS]``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return DEFAULT_TILE_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = free // (CUDA_TILE_FRACTION * 4)  # float32 distances
+    return int(min(CUDA_MAX_TILE_ELEMENTS, max(DEFAULT_TILE_ELEMENTS, budget)))
 
 
 def _as_tensor(x: Array) -> torch.Tensor:
@@ -102,14 +187,26 @@ def _check_finite(x: torch.Tensor) -> None:
 
 def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: Array | None = None,
         exclude_self: bool = False, backend: str = "torch", device: str | torch.device | None = None,
-        max_tile_elements: int = DEFAULT_TILE_ELEMENTS, index: str = "flat", nlist: int | None = None,
+        max_tile_elements: int | None = None, index: str = "flat", nlist: int | None = None,
         nprobe: int = 8, seed: int = 0, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest reference rows of every query row.
 
     Returns ``(distances [n, k] float32, indices [n, k] int64)``, both on the CPU. See the module
     docstring for metrics, exclusion, backends and ``precision`` ("auto", "fp32", "bf16"; torch backend
-    only, faiss ignores it). Raises ValueError for non-finite inputs and out-of-range exclusions.
+    only, faiss ignores it). ``max_tile_elements=None``: :func:`tile_elements` of the compute device. The
+    GEMMs run in IEEE fp32 whatever the global TF32 settings (:func:`exact_fp32_matmul`). Raises ValueError
+    for non-finite inputs and out-of-range exclusions.
     """
+    with exact_fp32_matmul():
+        return _knn(query, reference, k, metric=metric, exclude=exclude, exclude_self=exclude_self, backend=backend,
+                    device=device, max_tile_elements=max_tile_elements, index=index, nlist=nlist, nprobe=nprobe,
+                    seed=seed, precision=precision)
+
+
+def _knn(query: Array, reference: Array, k: int, *, metric: str, exclude: Array | None, exclude_self: bool,
+         backend: str, device: str | torch.device | None, max_tile_elements: int | None, index: str,
+         nlist: int | None, nprobe: int, seed: int, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` under the precision it sets."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
     if backend not in BACKENDS:
@@ -133,14 +230,20 @@ def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: 
         r = q if same else torch.nn.functional.normalize(r, dim=1)
     ex = _exclusions(q.shape[0], r.shape[0], exclude, exclude_self)
     dev = torch.device(device) if device is not None else q.device
+    if max_tile_elements is None:  # (faiss tiles itself)
+        max_tile_elements = tile_elements(dev) if backend == "torch" else DEFAULT_TILE_ELEMENTS
     large = q.shape[0] * r.shape[0] >= AUTO_BF16_MIN_PAIRS
-    bf16 = backend == "torch" and (precision == "bf16" or (precision == "auto" and large and bf16_is_fast(dev)))
+    auto_bf16 = precision == "auto" and large and dev.type == "cpu" and bf16_is_fast(dev)  # never on CUDA
+    bf16 = backend == "torch" and (precision == "bf16" or auto_bf16)
+    symmetric = same and _is_symmetric(ex)  # on the CPU copy: before the move below
     if bf16:
-        sq_dist, idx = torch_knn_bf16(q, r, k, ex, same and _is_symmetric(ex), device, max_tile_elements)
-    elif backend == "torch" and same and _is_symmetric(ex):
-        sq_dist, idx = _torch_knn_self(q, k, ex, device, max_tile_elements)
+        sq_dist, idx = torch_knn_bf16(q, r, k, ex, symmetric, device, max_tile_elements)
     elif backend == "torch":
-        sq_dist, idx = _torch_knn(q, r, k, ex, device, max_tile_elements)
+        ex = None if ex is None else ex.to(dev, non_blocking=True)  # once per call, not once per tile
+        if symmetric:
+            sq_dist, idx = _torch_knn_self(q, k, ex, device, max_tile_elements)
+        else:
+            sq_dist, idx = _torch_knn(q, r, k, ex, device, max_tile_elements)
     else:
         sq_dist, idx = _faiss_knn(q, r, k, ex, device, index, nlist, nprobe, seed)
     sq_dist = sq_dist.clamp_min(0)  # float64 from the bf16 path (squared distances may exceed fp32's range)
@@ -157,10 +260,10 @@ def _torch_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None
     device = torch.device(device) if device is not None else q.device
     n, m = q.shape[0], r.shape[0]
     kk = min(k, m)
-    out_d = torch.full((n, k), math.inf)
-    out_i = torch.full((n, k), -1, dtype=torch.long)
+    out_d = torch.full((n, k), math.inf, device=device)  # on the device: one copy back per call
+    out_i = torch.full((n, k), -1, dtype=torch.long, device=device)
     if n == 0 or m == 0:
-        return out_d, out_i
+        return out_d.cpu(), out_i.cpu()
     r_tile = max(1, min(m, REFERENCE_TILE, max_tile_elements))
     q_tile = max(1, min(n, max_tile_elements // r_tile))
     r_dev = r.to(device)
@@ -179,10 +282,10 @@ def _torch_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None
                 mask_exclusions(block, ex[qs:qe], 0, rs)
             best_d, best_i = _merge_topk(best_d, best_i, block, rs, kk)
         best_d = best_d + q_sq
-        best_i[torch.isinf(best_d)] = -1
-        out_d[qs:qe, :kk] = best_d.cpu()
-        out_i[qs:qe, :kk] = best_i.cpu()
-    return out_d, out_i
+        best_i.masked_fill_(torch.isinf(best_d), -1)
+        out_d[qs:qe, :kk] = best_d
+        out_i[qs:qe, :kk] = best_i
+    return out_d.cpu(), out_i.cpu()
 
 
 def _is_symmetric(ex: torch.Tensor | None) -> bool:
@@ -218,7 +321,7 @@ def _torch_knn_self(x: torch.Tensor, k: int, ex: torch.Tensor | None, device: st
             best_d[i0:i1], best_i[i0:i1] = _merge_topk(best_d[i0:i1], best_i[i0:i1], block, j0, kk)
             if j0 != i0:
                 best_d[j0:j1], best_i[j0:j1] = _merge_topk(best_d[j0:j1], best_i[j0:j1], block, i0, kk, dim=0)
-    best_i[torch.isinf(best_d)] = -1
+    best_i.masked_fill_(torch.isinf(best_d), -1)
     out_d = torch.full((n, k), math.inf)
     out_i = torch.full((n, k), -1, dtype=torch.long)
     out_d[:, :kk], out_i[:, :kk] = best_d.cpu(), best_i.cpu()
@@ -280,6 +383,17 @@ def faiss_available() -> bool:
     return True
 
 
+_FAISS_GPU_RESOURCES: dict[int, Any] = {}  # GPU index -> faiss.StandardGpuResources, for the process
+
+
+def _faiss_gpu_resources(faiss: Any, gpu: int) -> Any:
+    """One ``StandardGpuResources`` per GPU, built on first use: each holds scratch memory and streams, and
+    rebuilding it per call (once per training step with the batch reference) costs an allocation each time."""
+    if gpu not in _FAISS_GPU_RESOURCES:
+        _FAISS_GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+    return _FAISS_GPU_RESOURCES[gpu]
+
+
 def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None,
                device: str | torch.device | None, index: str, nlist: int | None, nprobe: int,
                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,8 +421,9 @@ def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None
     use_gpu = (device is not None and torch.device(device).type == "cuda"
                and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
     if use_gpu:
-        resources = faiss.StandardGpuResources()
-        idx = faiss.index_cpu_to_gpu(resources, torch.device(device).index or 0, idx)
+        gpu = torch.device(device).index
+        gpu = torch.cuda.current_device() if gpu is None else gpu
+        idx = faiss.index_cpu_to_gpu(_faiss_gpu_resources(faiss, gpu), gpu, idx)
     idx.add(xr)
     e = 0 if ex is None else ex.shape[1]
     search_k = min(m, k + e)

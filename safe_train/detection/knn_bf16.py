@@ -58,12 +58,14 @@ GROUP = 32  # columns per group in the two-stage selections (knn._block_topk, _p
 
 def mask_exclusions(block: torch.Tensor, ex: torch.Tensor | None, row_start: int, col_start: int) -> None:
     """Set ``block[i, j] = inf`` where reference ``col_start + j`` is excluded for query ``row_start + i``."""
-    if ex is None:
+    if ex is None or block.numel() == 0:
         return
-    local = ex[row_start:row_start + block.shape[0]].to(block.device) - col_start
+    local = ex[row_start:row_start + block.shape[0]].to(block.device, non_blocking=True) - col_start
     valid = (local >= 0) & (local < block.shape[1])
-    rows = torch.arange(local.shape[0], device=block.device)[:, None].expand_as(local)
-    block[rows[valid], local[valid]] = math.inf
+    # a scatter-max instead of boolean indexing: no nonzero(), so no host-device sync per tile on CUDA;
+    # entries outside this block write -inf into column 0, which max() leaves unchanged
+    fill = torch.full(local.shape, math.inf, dtype=block.dtype, device=block.device).masked_fill_(~valid, -math.inf)
+    block.scatter_reduce_(1, local.masked_fill(~valid, 0), fill, reduce="amax")
 
 
 # ------------------------------------------------------------------ bf16 candidate search + exact re-rank

@@ -82,6 +82,12 @@ def _np(x: Array) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
 
 
+def _knn_input(x: Array) -> Array:
+    """What :func:`knn` gets: a tensor as it is (a CUDA tensor stays on its device: no host round trip), an
+    array as float32."""
+    return x.detach() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
 def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, query_exclude: Array | None = None,
                  reference_exclude: Array | None = None, query_text: Array | None = None, k: int | None = None,
                  metric: str = "l2", seed: int = 0, **knn_kwargs: Any) -> dict[str, np.ndarray]:
@@ -107,11 +113,13 @@ def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, qu
         if admissible < 1:
             raise DetectError(f"a reference set of {m} points leaves no admissible neighbour")
         ks = {name: min(detector_k(name, k), admissible) for name in local}
-        q_dist, q_idx = knn(q, r, max(ks.values()), metric=metric, exclude=query_exclude, seed=seed, **knn_kwargs)
+        q_in, r_in = _knn_input(query), _knn_input(reference)
+        q_dist, q_idx = knn(q_in, r_in, max(ks.values()), metric=metric, exclude=query_exclude, seed=seed,
+                            **knn_kwargs)
         inputs = dataclasses.replace(inputs, query_dist=q_dist.numpy().astype(np.float64), query_idx=q_idx.numpy())
         with_reference = [name for name in local if chosen[name].needs_reference_knn]
         if with_reference:
-            r_dist, _ = knn(r, r, max(ks[name] for name in with_reference), metric=metric,
+            r_dist, _ = knn(r_in, r_in, max(ks[name] for name in with_reference), metric=metric,
                             exclude=reference_exclude, exclude_self=True, seed=seed, **knn_kwargs)
             inputs = dataclasses.replace(inputs, reference_dist=r_dist.numpy().astype(np.float64))
     return {name: det.score(dataclasses.replace(inputs, k=ks.get(name))) for name, det in chosen.items()}
@@ -131,20 +139,29 @@ def _pair_exclusions(m: int, with_text: bool) -> np.ndarray | None:
 
 
 def batch_scores(image: Array, text: Array, detectors: Sequence[str], *, k: int | None = None,
-                 metric: str = "l2", with_text: bool = True, seed: int = 0, **knn_kwargs: Any) -> dict[str, np.ndarray]:
+                 metric: str = "l2", with_text: bool = True, seed: int = 0, queries: slice | None = None,
+                 **knn_kwargs: Any) -> dict[str, np.ndarray]:
     """The paper's batch-reference scores of the ``B`` images of one (global) batch.
 
     Reference = the batch's images and captions (``with_text=False``: images only). Query ``i``
-    excludes itself and its own caption.
+    excludes itself and its own caption. ``queries``: score only these images (e.g. one rank's share of
+    a gathered batch) against the whole reference; the result has one row per chosen image. Tensors stay
+    on their device for the kNN (only the scores and the arrays the detectors read come to the host).
     """
-    img, txt = _np(image), _np(text)
+    if isinstance(image, torch.Tensor) and isinstance(text, torch.Tensor):
+        img, txt = image.detach().float(), text.detach().to(image.device).float()
+        reference = torch.cat([img, txt]) if with_text else img
+    else:
+        img, txt = _np(image), _np(text)
+        reference = np.concatenate([img, txt]) if with_text else img
     b = img.shape[0]
-    reference = np.concatenate([img, txt]) if with_text else img
     partner = _pair_exclusions(b, with_text)
     self_idx = np.arange(b)[:, None]
     query_exclude = np.concatenate([self_idx, partner[:b]], axis=1) if partner is not None else self_idx
-    return local_scores(img, reference, detectors, query_exclude=query_exclude, reference_exclude=partner,
-                        query_text=txt, k=k, metric=metric, seed=seed, **knn_kwargs)
+    chosen = slice(None) if queries is None else queries
+    return local_scores(img[chosen], reference, detectors, query_exclude=query_exclude[chosen],
+                        reference_exclude=partner, query_text=txt[chosen], k=k, metric=metric, seed=seed,
+                        **knn_kwargs)
 
 
 def _average(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

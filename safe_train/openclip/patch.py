@@ -19,6 +19,7 @@ replaced for the duration of a run (3.3 has no hooks or registries).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -108,13 +109,26 @@ def _launch_rank() -> int:
     return 0
 
 
+def process_group_timeout(init_process_group: Callable[..., Any], minutes: float) -> Callable[..., Any]:
+    """``init_process_group`` with a default ``timeout``: OpenCLIP passes none, so NCCL's watchdog would abort
+    a rank that waits 10 minutes while rank 0 alone works (global detection scoring, a checkpoint)."""
+    timeout = datetime.timedelta(minutes=minutes)
+
+    def init_with_timeout(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", timeout)
+        return init_process_group(*args, **kwargs)
+
+    return init_with_timeout
+
+
 @contextlib.contextmanager
 def patched_openclip(engine: Any) -> Iterator[None]:
     """Install ``engine``'s replacements into open_clip_train for the duration of a run.
 
     ``engine`` provides ``on_parsed_args(args)``, ``get_train_data(args, preprocess_fns, epoch, tokenizer,
     kind)``, ``train_one_epoch(...)`` with 3.3's ten arguments, ``after_evaluate(epoch, metrics)``,
-    ``save_checkpoint_file(obj, path)`` and ``resolve_latest(checkpoint_dir, set_aside)``.
+    ``save_checkpoint_file(obj, path)`` and ``resolve_latest(checkpoint_dir, set_aside)``; optionally
+    ``dist_timeout`` (a timedelta), the process group's timeout.
     """
     original_get_data = oc_main.get_data
     original_evaluate = oc_main.evaluate
@@ -165,6 +179,11 @@ def patched_openclip(engine: Any) -> Iterator[None]:
     oc_main.pt_load = pt_load
     oc_main.get_latest_checkpoint = get_latest_checkpoint
     torch.nn.parallel.DistributedDataParallel = CpuSafeDDP
+    original_init_process_group = torch.distributed.init_process_group
+    dist_timeout = getattr(engine, "dist_timeout", None)
+    if dist_timeout is not None:
+        torch.distributed.init_process_group = process_group_timeout(
+            original_init_process_group, dist_timeout.total_seconds() / 60)
     try:
         yield
     finally:
@@ -177,6 +196,7 @@ def patched_openclip(engine: Any) -> Iterator[None]:
         oc_main.train_one_epoch = _ORIGINAL_TRAIN_ONE_EPOCH
         oc_main.evaluate = original_evaluate
         torch.nn.parallel.DistributedDataParallel = original_ddp
+        torch.distributed.init_process_group = original_init_process_group
 
 
 _ORIGINAL_TRAIN_ONE_EPOCH = oc_main.train_one_epoch

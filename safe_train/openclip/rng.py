@@ -22,7 +22,10 @@ def capture_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+        # the current device's generator only: a job resumed with fewer visible GPUs per task (one per task
+        # under srun, all of them under torchrun) has no generator for the others, and a task only draws from
+        # its own device anyway
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device()).numpy().tobytes()
     return state
 
 
@@ -32,5 +35,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     kind, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in state["cuda"]])
+    saved = state.get("cuda")
+    if saved is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(saved, list):  # written before the current-device format: one state per visible GPU
+        if not saved:
+            return
+        saved = saved[device] if device < len(saved) else saved[0]
+    torch.cuda.set_rng_state(torch.frombuffer(bytearray(saved), dtype=torch.uint8), device)

@@ -101,6 +101,29 @@ def report(values: dict[str, float], ctx: TrainContext, step: int) -> None:
         wandb.log({**values, "step": step}, step=step)
 
 
+@dataclass
+class SyntheticSource:
+    """What OpenCLIP 3.3's ``--dataset-type synthetic`` loader trains on (``open_clip_train.data.SyntheticDataset``)."""
+
+    image: Any  # the one PIL image
+    caption: str
+    num_samples: int
+    preprocess: Any  # OpenCLIP's preprocess_train
+    tokenizer: Any
+
+
+def synthetic_source(data_info: Any, args) -> SyntheticSource | None:
+    """The synthetic dataset behind OpenCLIP's training ``DataInfo`` (None: something else)."""
+    from open_clip import get_tokenizer
+    from open_clip_train.data import SyntheticDataset
+
+    dataset = getattr(getattr(data_info, "dataloader", None), "dataset", None)
+    if not isinstance(dataset, SyntheticDataset):
+        return None
+    tokenizer = get_tokenizer(args.model, cache_dir=getattr(args, "cache_dir", None))  # as OpenCLIP's main does
+    return SyntheticSource(dataset.image, dataset.caption, len(dataset), dataset.transform, tokenizer)
+
+
 class TrainStep:
     """The steps of one training pass; ``step`` returns None while accumulating micro-batches."""
 
