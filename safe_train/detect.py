@@ -1,8 +1,14 @@
 """Standalone poison detection: embed a training set with a trained checkpoint, score, write a blocklist.
 
     python -m safe_train.detect --model st-tiny-vit --checkpoint run/checkpoints/epoch_20.pt \
-        --train-data train.csv --dataset-type csv --out det/ --detectors kdist,slof,lid,dao \
-        --reference batch --top-fraction 0.01 [--manifest manifest.json]
+        --train-data train.csv --dataset-type csv --out det/ [--blocklist-budget 500] [--manifest manifest.json]
+
+Default (``--detectors auto --reference auto``): the rate-robust ``auto`` score (sparse, abnormally dense and
+caption-mismatch evidence; ``safe_train.detection.detectors.AutoDetector``) of every image against a random
+sample of ``min(N, AUTO_REFERENCE_PAIRS)`` images (no captions: templated captions are near-duplicates of each
+other and blur the density estimate), seeded. Without ``--top-fraction`` / ``--threshold`` /
+``--blocklist-budget`` the blocklist holds the samples whose ``auto`` score exceeds ``sqrt(2 ln m)`` (``m``
+reference points: about the largest value a clean set of that size reaches; high precision, low recall).
 
 Writes into ``--out``: ``scores.npz`` (``sample_id``, ``score`` = first detector, ``score_<name>``),
 ``scores.csv``, ``blocklist.txt`` (one sample id per line: ``python -m safe_train.main --blocklist``),
@@ -38,6 +44,7 @@ from safe_train.data import (
     attach_id,
 )
 from safe_train.detection.callback import score_metrics, write_histogram
+from safe_train.detection.detectors import auto_tau
 from safe_train.detection.knn import faiss_available
 from safe_train.detection.scores import global_scores, parse_detectors, partitioned_scores
 from safe_train.errors import DetectError, SafeTrainError, report
@@ -48,6 +55,10 @@ from safe_train.registry import DETECTORS
 PROG = "safe-train detect"
 
 log = logging.getLogger("safe_train.detect")
+
+AUTO_REFERENCE_PAIRS = 32768
+"""``--reference auto``: the reference is a random sample of at most this many images (the whole set below it):
+the kNN costs ``N x min(N, 32768)`` distances, and a cluster of ``C`` poisons keeps ``C x 32768 / N`` members there."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--csv-separator", default="\t")
     p.add_argument("--out", required=True, help="Output directory (created).")
-    p.add_argument("--detectors", default="kdist", help=f"Comma-separated: {', '.join(DETECTORS)}. The first one "
-                   "decides the blocklist.")
-    p.add_argument("--reference", default="batch", choices=("batch", "global"),
-                   help="batch: each sample against a random batch's images+captions (the paper's setting); "
+    p.add_argument("--detectors", default="auto", help=f"Comma-separated: {', '.join(DETECTORS)}. The first one "
+                   "decides the blocklist. Default auto: the rate-robust score (docs/detection.md).")
+    p.add_argument("--reference", default="auto", choices=("auto", "batch", "global"),
+                   help="auto: global, images only, a random sample of min(N, 32768) pairs; "
+                        "batch: each sample against a random batch's images+captions (the paper's setting); "
                         "global: against the whole dataset or a random sample of --reference-size pairs.")
     p.add_argument("--k", type=int, default=None, help="Neighbourhood size for all detectors (default: kdist/slof/dao "
                    "16, lid 64).")
@@ -87,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--top-fraction", type=float, default=None, help="Blocklist the top F of the samples.")
     sel.add_argument("--threshold", type=float, default=None, help="Blocklist samples with score > T.")
+    sel.add_argument("--blocklist-budget", type=int, default=None, metavar="B",
+                     help="Blocklist the B samples with the highest scores (ties by id). Default, with none of "
+                          "these three: auto's score > sqrt(2 ln m) (m reference points); else nothing.")
     p.add_argument("--manifest", default=None, help="Poison manifest: report detection metrics.")
     p.add_argument("--batch-size", type=int, default=256, help="Embedding batch size.")
     p.add_argument("--workers", type=int, default=0)
@@ -107,6 +122,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise DetectError(f"--k must be >= 1, got {args.k}")
     if args.top_fraction is not None and not 0 < args.top_fraction < 1:
         raise DetectError(f"--top-fraction must be in (0, 1), got {args.top_fraction}")
+    if args.blocklist_budget is not None and args.blocklist_budget < 0:
+        raise DetectError(f"--blocklist-budget must be >= 0, got {args.blocklist_budget}")
     for name in ("reference_batch_size", "repeats", "batch_size"):
         if getattr(args, name) < 1:
             raise DetectError(f"--{name.replace('_', '-')} must be >= 1")
@@ -189,18 +206,41 @@ def score(args: argparse.Namespace, detectors: list[str], image: np.ndarray, tex
                   **knn_kwargs)
     if args.reference == "batch":
         return partitioned_scores(image, text, detectors, batch_size=args.reference_batch_size, **common)
+    if args.reference == "auto":
+        common["with_text"] = False
+        return global_scores(image, text, detectors, reference_size=auto_reference_size(len(image)), **common)
     return global_scores(image, text, detectors, reference_size=args.reference_size, **common)
 
 
+def auto_reference_size(n: int) -> int:
+    """``--reference auto``: how many pairs the random reference sample holds (all of them up to 32,768)."""
+    return min(int(n), AUTO_REFERENCE_PAIRS)
+
+
+def default_threshold(args: argparse.Namespace, detectors: list[str], n: int) -> float | None:
+    """The blocklist threshold without a selection flag: ``sqrt(2 ln m)`` for ``auto`` (``m`` reference points);
+    None (an empty blocklist, as before) for the other detectors, whose scales have no such landmark."""
+    if detectors[0] != "auto":
+        return None
+    if args.reference == "batch":
+        m = min(n, args.reference_batch_size) * (1 if args.image_only else 2)
+    else:
+        size = auto_reference_size(n) if args.reference == "auto" else min(n, args.reference_size or n)
+        m = size * (1 if args.image_only or args.reference == "auto" else 2)
+    return auto_tau(m)
+
+
 def select_blocklist(ids: np.ndarray, values: np.ndarray, top_fraction: float | None,
-                     threshold: float | None) -> np.ndarray:
-    """Ids to block: the top fraction (highest scores; ties by id) or those above a threshold."""
+                     threshold: float | None, budget: int | None = None) -> np.ndarray:
+    """Ids to block: the top fraction or the top ``budget`` (highest scores; ties by id), or those above a
+    threshold."""
     if threshold is not None:
         return np.sort(ids[values > threshold])
-    if top_fraction is None:
+    if top_fraction is None and budget is None:
         return np.zeros(0, np.int64)
+    count = budget if budget is not None else int(round(top_fraction * len(ids)))
     order = np.lexsort((ids, -np.nan_to_num(values, nan=-np.inf)))
-    return np.sort(ids[order[: int(round(top_fraction * len(ids)))]])
+    return np.sort(ids[order[:count]])
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -227,7 +267,10 @@ def run(args: argparse.Namespace) -> dict:
         f.write(",".join(["sample_id", *detectors]) + "\n")
         for row, sid in enumerate(ids.tolist()):
             f.write(",".join([str(sid), *(f"{scores[n][row]:.8g}" for n in detectors)]) + "\n")
-    blocked = select_blocklist(ids, primary, args.top_fraction, args.threshold)
+    threshold = args.threshold
+    if threshold is None and args.top_fraction is None and args.blocklist_budget is None:
+        threshold = default_threshold(args, detectors, len(ids))
+    blocked = select_blocklist(ids, primary, args.top_fraction, threshold, args.blocklist_budget)
     with open(out / "blocklist.txt", "w") as f:
         f.write(f"# {len(blocked)} sample ids flagged by {detectors[0]} ({args.reference} reference)\n")
         f.writelines(f"{i}\n" for i in blocked.tolist())
@@ -238,10 +281,11 @@ def run(args: argparse.Namespace) -> dict:
         "num_samples": int(len(ids)), "detectors": detectors, "reference": args.reference, "k": args.k,
         "metric": args.metric, "normalize": args.normalize, "image_only": args.image_only,
         "reference_batch_size": args.reference_batch_size if args.reference == "batch" else None,
-        "reference_size": args.reference_size, "repeats": args.repeats, "backend": args.backend,
+        "reference_size": auto_reference_size(len(ids)) if args.reference == "auto" else args.reference_size,
+        "repeats": args.repeats, "backend": args.backend,
         "embed_seconds": round(embed_s, 3), "score_seconds": round(score_s, 3),
         "blocklist": {"file": str(out / "blocklist.txt"), "count": int(len(blocked)),
-                      "top_fraction": args.top_fraction, "threshold": args.threshold},
+                      "top_fraction": args.top_fraction, "threshold": threshold, "budget": args.blocklist_budget},
     }
     if manifest is not None:
         result["num_poisoned"] = int(labels.sum())

@@ -284,7 +284,7 @@ def test_batch_scores_of_a_query_slice_equal_the_full_rows():
     rng = np.random.default_rng(5)
     image = torch.from_numpy(rng.normal(size=(20, 5)).astype(np.float32))
     text = image + 0.2 * torch.from_numpy(rng.normal(size=(20, 5)).astype(np.float32))
-    names = ["kdist", "slof", "lid", "dao", "clip"]
+    names = ["kdist", "slof", "lid", "dao", "clip", "auto"]
     full = batch_scores(image.numpy(), text.numpy(), names, k=4)
     for part in (slice(0, 7), slice(7, 20)):
         got = batch_scores(image, text, names, k=4, queries=part)

@@ -13,6 +13,7 @@ from conftest import PYTHON, REPO, base_env, train_flags
 from helpers import load_table, run_safe_train
 
 from safe_train.args import load_id_list
+from safe_train.detection.callback import percentile_ranks
 from safe_train.detection.scores import batch_scores
 
 LAUNCH = str(Path(__file__).parent / "launch.py")
@@ -131,7 +132,7 @@ def test_in_loop_global_reference(poisoned_csv, tmp_path):
 def test_two_rank_drop_is_identical_on_every_rank(poisoned_csv, tmp_path):
     train, manifest = poisoned_csv
     flags = train_flags(train, tmp_path, "r2", epochs=2, batch_size=8, extra=[
-        "--track-samples", "--detect", "kdist", "--detect-manifest", str(manifest), "--detect-action", "drop",
+        "--track-samples", "--detect", "auto", "--detect-manifest", str(manifest), "--detect-action", "drop",
         "--detect-drop-fraction", "0.25", "--detect-drop-epoch", "0"])
     proc = subprocess.run(_torchrun(2, LAUNCH, *flags), env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,6 +148,50 @@ def test_two_rank_drop_is_identical_on_every_rank(poisoned_csv, tmp_path):
     # every rank scored its own half of each global batch: all 64 samples have an epoch-0 score
     epoch0 = np.load(run / "detection" / "epoch_0_scores.npz")
     assert len(epoch0["sample_id"]) == 64
+    # drop followed the aggregate (synced, and hashed identical on both ranks with the rest of the table)
+    np.testing.assert_array_equal(table["score_agg_count"], np.where(dropped, 1, 2))
+    top = np.lexsort((epoch0["sample_id"], -percentile_ranks(epoch0["score"])))[:16]
+    np.testing.assert_array_equal(np.sort(epoch0["sample_id"][top]), table.ids[dropped])
+
+
+def test_aggregate_survives_an_epoch_resume(poisoned_csv, tmp_path, monkeypatch):
+    """Killed after epoch 1's checkpoint and resumed: score_agg / score_agg_count equal the uninterrupted run's."""
+    from helpers import KillAtEpoch, Killed, with_callbacks
+
+    train, _ = poisoned_csv
+    extra = ["--track-samples", "--detect", "auto,kdist", "--detect-action", "drop", "--detect-drop-fraction",
+             "0.125", "--detect-drop-epoch", "1", "--detect-blocklist-budget", "8"]
+    assert run_safe_train(train_flags(train, tmp_path, "straight", epochs=3, batch_size=16, extra=extra)) == 0
+    with_callbacks(monkeypatch, KillAtEpoch(2))
+    with pytest.raises(Killed):
+        run_safe_train(train_flags(train, tmp_path, "cut", epochs=3, batch_size=16, extra=extra))
+    with_callbacks(monkeypatch)
+    assert run_safe_train(train_flags(train, tmp_path, "cut", epochs=3, batch_size=16,
+                                      extra=extra + ["--resume", "latest"])) == 0
+    a, b = load_table(tmp_path / "straight", 3), load_table(tmp_path / "cut", 3)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    for column in ("score_agg", "score_agg_count", "dropped", "drop_score"):
+        np.testing.assert_allclose(a[column].astype(np.float64), b[column].astype(np.float64), rtol=1e-5,
+                                   err_msg=column)
+    # 8 dropped after epoch 1 (scored in epochs 0 and 1); of the other 56, epoch 2's 3 full batches scored 48
+    np.testing.assert_array_equal(a["score_agg_count"], np.where(a["score_epoch"] == 2, 3, 2))
+    assert a["dropped"].sum() == 8 and (a["score_agg_count"][a["dropped"]] == 2).all()
+    blocked = load_id_list(tmp_path / "cut" / "detection" / "blocklist.csv")
+    assert len(blocked) == 8
+    agg = np.asarray(b["score_agg"], dtype=np.float64)
+    np.testing.assert_array_equal(np.sort(blocked), np.sort(b.ids[np.lexsort((b.ids, -agg))[:8]]))
+
+
+def test_aggregate_survives_a_step_resume(csv_64, tmp_path, monkeypatch):
+    """Stopped by a signal mid-epoch 1 and resumed: the whole table (score_agg included) equals the straight run's."""
+    from test_step_resume import _stop_and_resume
+
+    extra = ["--track-samples", "--detect", "auto", "--detect-action", "drop", "--detect-drop-fraction", "0.25",
+             "--detect-drop-epoch", "1"]
+    _stop_and_resume(monkeypatch, tmp_path, csv_64, epochs=2, extra=extra, stop=["--test-signal-at-step", "11"])
+    table = load_table(tmp_path / "cut", 2)
+    np.testing.assert_array_equal(table["score_agg_count"], 2)
+    assert table["dropped"].sum() == 16
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -176,7 +221,7 @@ def _detect(*argv: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd=REPO)
 
 
-@pytest.mark.parametrize("reference", ["batch", "global"])
+@pytest.mark.parametrize("reference", [pytest.param("batch", marks=pytest.mark.slow), "global"])  # CI time
 def test_detect_cli_end_to_end(reference, poisoned_csv, trained, tmp_path):
     train, manifest = poisoned_csv
     out = tmp_path / "det"
@@ -200,6 +245,30 @@ def test_detect_cli_end_to_end(reference, poisoned_csv, trained, tmp_path):
                                       extra=["--track-samples", "--blocklist", str(out / "blocklist.txt")])) == 0
     table = load_table(tmp_path / "re", 1)
     assert not np.isin(blocked, table.ids[table["times_seen"] > 0]).any()
+
+
+@pytest.mark.parametrize("budget", [None, 5])
+def test_detect_cli_default_is_auto(budget, poisoned_csv, trained, tmp_path):
+    """No detector flags: auto against the images of min(N, 32768) pairs; the blocklist is the budget's top B, or
+    without one the samples above sqrt(2 ln m)."""
+    from safe_train.detection.detectors import auto_tau
+
+    train, manifest = poisoned_csv
+    out = tmp_path / "det"
+    proc = _detect("--model", "st-tiny-vit", "--checkpoint", str(trained), "--train-data", str(train),
+                   "--dataset-type", "csv", "--out", str(out), "--batch-size", "16", "--manifest", str(manifest),
+                   "--device", "cpu", *([] if budget is None else ["--blocklist-budget", str(budget)]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["detectors"] == ["auto"] and report["reference"] == "auto" and report["reference_size"] == 64
+    scores = np.load(out / "scores.npz")
+    blocked = load_id_list(out / "blocklist.txt")
+    if budget is None:
+        assert report["blocklist"]["threshold"] == pytest.approx(auto_tau(64))
+        np.testing.assert_array_equal(blocked, np.sort(scores["sample_id"][scores["score"] > auto_tau(64)]))
+    else:
+        top = scores["sample_id"][np.lexsort((scores["sample_id"], -scores["score"]))[:budget]]
+        np.testing.assert_array_equal(blocked, np.sort(top))
 
 
 def test_detect_cli_webdataset_ids_match_training(wds_4x16, tmp_path):

@@ -147,10 +147,10 @@ def test_partitioned_scores_match_batch_scores_per_chunk():
 def test_unknown_detector_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown detector"):
         parse_detectors("kdist,nope")
-    with pytest.raises(ConfigError, match="choose from clip, dao, iforest, kdist, lid, slof"):
+    with pytest.raises(ConfigError, match="choose from auto, clip, dao, iforest, kdist, lid, slof"):
         parse_detectors(["nope"])
     assert parse_detectors("kdist, SLOF,kdist") == ["kdist", "slof"]
-    assert list_detectors() == ["clip", "dao", "iforest", "kdist", "lid", "slof"]
+    assert list_detectors() == ["auto", "clip", "dao", "iforest", "kdist", "lid", "slof"]
 
 
 def test_a_registered_third_party_detector_is_scored_by_name():

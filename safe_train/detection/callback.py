@@ -26,8 +26,16 @@ embeddings (``l2`` on unit vectors is monotone in cosine distance). The standalo
 ``python -m safe_train.detect`` embeds without normalisation (``--no-normalize``), the paper's setting.
 
 Columns (float32, NaN until scored): ``score_<detector>`` = the latest detection epoch's score,
-``score_epoch`` = that epoch; with ``--detect-action drop`` also ``dropped`` (the engine excludes
-those ids from later epochs) and ``drop_score``. Per detection epoch (rank 0):
+``score_epoch`` = that epoch; ``score_agg`` = the sample's mean percentile rank of the first detector's score
+over every detection epoch that scored it (rank among that epoch's scored samples, ``(average rank) / n`` in
+``(0, 1]``, ties averaged) and ``score_agg_count`` (int32) = how many epochs that mean covers. The aggregate is
+updated at each detection epoch's end from the synced table, by the same arithmetic on every rank, so it is
+identical everywhere and is checkpointed and resumed with the table. One noisy epoch (augmented views, a
+half-trained model, a batch that happened to hold several poisons) then moves a sample by ``1/count``, not to
+the top. With ``--detect-action drop`` also ``dropped`` (the engine excludes those ids from later epochs) and
+``drop_score`` (the ``score_agg`` that ranked them: drop takes the highest ``score_agg``, ties by id).
+With ``--detect-blocklist-budget B`` rank 0 rewrites ``<run>/detection/blocklist.csv`` (``sample_id,score,
+detector``: the B highest ``score_agg``, for ``--blocklist`` of a later run) after every detection epoch. Per detection epoch (rank 0):
 ``<run>/detection/epoch_<E>_scores.npz`` (``sample_id``, ``score`` = first detector, ``score_<name>``),
 ``epoch_<E>_hist.png``, ``dropped_epoch_<E>.csv``; with ``--detect-manifest`` the metrics
 ``detect_<name>_auroc``, ``_pr_auc``, ``_fpr95`` are logged. Samples whose embeddings are NaN/inf (a
@@ -77,7 +85,8 @@ class DetectionConfig(FlagConfig):
 
     names: str | None = option(None, "Score every training sample with these detectors, comma-separated (see "
                                "`safe-train detect --help` for the registered names); from the training step's "
-                               "embeddings, no extra forward pass.", flag="--detect", type=str, metavar="NAMES")
+                               "embeddings, no extra forward pass. auto: the rate-robust score, sparse + dense + "
+                               "caption-mismatch evidence.", flag="--detect", type=str, metavar="NAMES")
     reference: str = option("batch", "batch: against the gathered global batch's images and captions (the paper's "
                             "setting); global: at the epoch end, against the epoch's embeddings or a random reference "
                             "sample (--detect-reference-size).", choices=("batch", "global"))
@@ -98,6 +107,10 @@ class DetectionConfig(FlagConfig):
     reference_size: int | None = option(None, "Global reference: a random sample of M pairs (default: the whole "
                                         "epoch). Keep M x poison rate below k, or poisons become each other's "
                                         "neighbours.", type=int, metavar="M")
+    blocklist_budget: int | None = option(None, "After every detection epoch, write <run>/detection/blocklist.csv "
+                                          "with the B samples of highest mean percentile rank over the detection "
+                                          "epochs so far (score_agg), for --blocklist of a later run.", type=int,
+                                          metavar="B")
 
     @property
     def enabled(self) -> bool:
@@ -125,6 +138,8 @@ class DetectionConfig(FlagConfig):
                   f"--detect-action drop needs --detect-drop-fraction F with 0 < F < 1, got {fraction}")
         else:
             check(self.drop_fraction is None, "--detect-drop-fraction needs --detect-action drop")
+        check(self.blocklist_budget is None or self.blocklist_budget >= 0,
+              f"--detect-blocklist-budget must be >= 0, got {self.blocklist_budget}")
         if self.reference_size is not None:
             check(self.reference == "global", "--detect-reference-size needs --detect-reference global")
             check(self.reference_size >= 2, f"--detect-reference-size must be >= 2, got {self.reference_size}")
@@ -151,6 +166,7 @@ class DetectionCallback(Callback):
         self.drop_epoch = config.drop_epoch
         self.every = config.every
         self.reference_size = config.reference_size
+        self.blocklist_budget = config.blocklist_budget
         self.seed = 0
         self.manifest = Manifest.load(config.manifest) if config.manifest else None
         self.drop_done = False
@@ -163,6 +179,8 @@ class DetectionCallback(Callback):
         for name in self.detectors:
             ctx.table.add_column(f"score_{name}", np.float32, np.nan)
         ctx.table.add_column("score_epoch", np.int32, -1)
+        ctx.table.add_column("score_agg", np.float32, np.nan)
+        ctx.table.add_column("score_agg_count", np.int32, 0)
         if self.action == "drop":
             ctx.table.add_column("dropped", bool, False)
             ctx.table.add_column("drop_score", np.float32, np.nan)
@@ -269,6 +287,8 @@ class DetectionCallback(Callback):
         scored = np.asarray(table["score_epoch"]) == ctx.epoch
         ids = table.ids[scored]
         scores = {name: np.asarray(table[f"score_{name}"])[scored] for name in self.detectors}
+        if len(ids):
+            update_aggregate(table, ids, scores[self.detectors[0]])
         out_dir = Path(ctx.run_dir) / "detection" if ctx.run_dir else None
         if ctx.is_master and out_dir is not None and len(ids):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,15 +302,18 @@ class DetectionCallback(Callback):
                 for key, value in metrics.items():
                     ctx.log_metric(f"detect_{name}_{key}", value)
         if self.action == "drop" and not self.drop_done and ctx.epoch >= self.drop_epoch and len(ids):
-            self._drop(ctx, ids, scores[self.detectors[0]], out_dir)
+            self._drop(ctx, ids, out_dir)
+        if self.blocklist_budget is not None and ctx.is_master and out_dir is not None and len(ids):
+            chosen, chosen_score = top_by_aggregate(table, table.ids, self.blocklist_budget)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_id_scores(out_dir / "blocklist.csv", chosen, chosen_score, f"score_agg:{self.detectors[0]}")
 
-    def _drop(self, ctx: TrainContext, ids: np.ndarray, score: np.ndarray, out_dir: Path | None) -> None:
-        """Mark the top fraction of this epoch's scored samples as dropped (same on every rank: synced table)."""
+    def _drop(self, ctx: TrainContext, ids: np.ndarray, out_dir: Path | None) -> None:
+        """Mark the top fraction of this epoch's scored samples by ``score_agg`` as dropped (the same on every rank:
+        the table is synced and the aggregate computed identically everywhere)."""
         table = ctx.table
         n_drop = int(round(self.drop_fraction * len(ids)))
-        finite = np.isfinite(score)
-        order = np.lexsort((ids[finite], -score[finite]))  # highest score first; ties by id
-        chosen, chosen_score = ids[finite][order][:n_drop], score[finite][order][:n_drop]
+        chosen, chosen_score = top_by_aggregate(table, ids, n_drop)
         table.set("dropped", chosen, True)
         table.set("drop_score", chosen, chosen_score)
         self.drop_done = True
@@ -303,7 +326,7 @@ class DetectionCallback(Callback):
             out_dir.mkdir(parents=True, exist_ok=True)
             write_id_scores(out_dir / f"dropped_epoch_{ctx.epoch}.csv", chosen, chosen_score, self.detectors[0])
             logging.info(f"detection: dropped {len(chosen)} of {len(ids)} samples (top {self.drop_fraction:g} by "
-                         f"{self.detectors[0]}) from later epochs")
+                         f"mean percentile rank of {self.detectors[0]}) from later epochs")
 
     def state_dict(self) -> dict[str, Any]:
         """Also the epoch's embeddings so far (``--detect-reference global``): a mid-epoch checkpoint must
@@ -321,6 +344,47 @@ class DetectionCallback(Callback):
         self._epoch_rows = []
         if "rows_ids" in state:
             self._epoch_rows = [(state["rows_ids"].numpy(), state["rows_image"].numpy(), state["rows_text"].numpy())]
+
+
+# ---- the per-sample aggregate over detection epochs -------------------------------------------------
+def percentile_ranks(values: np.ndarray) -> np.ndarray:
+    """``(average rank) / n`` in ``(0, 1]`` (1 = highest; ties share their mean rank): comparable across epochs
+    whose score scales differ (a model that trains on changes every distance)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return np.zeros(0)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    ends = np.concatenate([starts[1:], [n]])
+    mean_rank = (starts + ends + 1) / 2.0  # ranks 1..n; a run of ties [s, e) shares (s + 1 + e) / 2
+    ranks = np.empty(n)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks / n
+
+
+def update_aggregate(table, ids: np.ndarray, score: np.ndarray) -> None:
+    """Fold this epoch's percentile ranks of ``score`` (finite ones only) into ``score_agg`` / ``score_agg_count``
+    as a running mean. Pure arithmetic on the synced table: the same on every rank."""
+    finite = np.isfinite(score)
+    ids = ids[finite]
+    if not len(ids):
+        return
+    rank = percentile_ranks(score[finite])
+    count = table.get("score_agg_count", ids).astype(np.int64)
+    previous = np.nan_to_num(table.get("score_agg", ids).astype(np.float64), nan=0.0)
+    table.set("score_agg", ids, ((previous * count + rank) / (count + 1)).astype(np.float32))
+    table.set("score_agg_count", ids, (count + 1).astype(np.int32))
+
+
+def top_by_aggregate(table, ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` ids (of ``ids``) with the highest ``score_agg``, ties by id, and their aggregates; unscored
+    (NaN) ids never count."""
+    agg = table.get("score_agg", ids).astype(np.float64)
+    finite = np.isfinite(agg)
+    order = np.lexsort((ids[finite], -agg[finite]))[:count]
+    return ids[finite][order], agg[finite][order]
 
 
 # ---- outputs shared with the standalone command ---------------------------------------------------

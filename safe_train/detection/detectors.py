@@ -52,6 +52,7 @@ class ScoreInputs:
     query_dist: np.ndarray | None = None  # float64
     query_idx: np.ndarray | None = None  # int64
     reference_dist: np.ndarray | None = None  # float64
+    pair_mismatch: np.ndarray | None = None  # [p] float64: 1 - cos(image, caption) of every pair scored together
 
 
 class Detector:
@@ -65,6 +66,11 @@ class Detector:
     name: ClassVar[str] = ""
     default_k: ClassVar[int | None] = None
     needs_reference_knn: ClassVar[bool] = False
+
+    def choose_k(self, reference_size: int) -> int | None:
+        """The neighbourhood size without ``--detect-k`` / ``--k``, given the admissible reference points per query;
+        ``default_k`` unless a detector sizes its neighbourhood from the data (``auto``)."""
+        return self.default_k
 
     def score(self, x: ScoreInputs) -> np.ndarray:
         """One float64 score per query row."""
@@ -167,3 +173,109 @@ class ClipScore(Detector):
         if x.query_text is None:
             raise DetectError("the clip score needs the queries' captions (query_text)")
         return cosine_distance(x.query, x.query_text)
+
+
+# ---- the rate-robust default ---------------------------------------------------------------------
+AUTO_K_MIN = 4
+"""Smallest scale of the ``auto`` ladder: a group of >= 5 near-duplicates is visible as dense from here on."""
+
+AUTO_K_MAX = 256
+"""Largest scale of the ``auto`` ladder (cost: one kNN of this many neighbours per query and reference point)."""
+
+AUTO_POINTS_PER_K = 64
+"""``auto`` looks at most ``reference_size / 64`` neighbours deep, so the deepest scale still holds < 2% of the
+reference: a density estimate, not a global distance."""
+
+
+def auto_top_k(reference_size: int) -> int:
+    """The deepest ``auto`` scale for ``reference_size`` admissible points: the largest power of two
+    ``<= reference_size / AUTO_POINTS_PER_K``, within ``[AUTO_K_MIN, AUTO_K_MAX]`` and never above the points there are."""
+    top = AUTO_K_MIN
+    while top * 2 <= min(AUTO_K_MAX, reference_size // AUTO_POINTS_PER_K):
+        top *= 2
+    return max(1, min(top, reference_size))
+
+
+def auto_ladder(top: int) -> list[int]:
+    """The scales ``4, 8, 16, ... <= top`` (plus ``top`` itself when it is not one of them)."""
+    ladder, k = [], AUTO_K_MIN
+    while k <= top:
+        ladder.append(k)
+        k *= 2
+    if not ladder or ladder[-1] != top:
+        ladder.append(top)
+    return ladder
+
+
+def auto_tau(n: int) -> float:
+    """``sqrt(2 ln n)``: about the largest of ``n`` standard normal values, so a clean set of ``n`` points rarely
+    exceeds it; the dense and caption terms of ``auto`` count only what lies beyond it."""
+    return float(np.sqrt(2.0 * np.log(max(int(n), 2))))
+
+
+def robust_z(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """``(values - median) / (1.4826 * MAD)`` column-wise, median and MAD from ``sample``: a few hundred poisons
+    barely move either, unlike a mean and standard deviation."""
+    median = np.median(sample, axis=0)
+    scale = 1.4826 * np.median(np.abs(sample - median), axis=0)
+    return (values - median) / np.maximum(scale, EPS)
+
+
+@dataclass(frozen=True)
+class AutoTerms:
+    """The parts of an ``auto`` score, per query (see :class:`AutoDetector`)."""
+
+    sparse: np.ndarray
+    dense: np.ndarray
+    caption: np.ndarray | None
+    tau: float
+    ladder: tuple[int, ...]
+
+    @property
+    def score(self) -> np.ndarray:
+        total = np.maximum(self.sparse, self.dense - self.tau)
+        if self.caption is not None:
+            total = total + np.maximum(self.caption - self.tau, 0.0)
+        return total
+
+
+def auto_terms(x: ScoreInputs) -> AutoTerms:
+    """The three pieces of evidence of :class:`AutoDetector` from precomputed neighbourhoods."""
+    ladder = auto_ladder(x.k)
+    columns = [k - 1 for k in ladder]
+    query_log = np.log(np.maximum(x.query_dist[:, columns], EPS))
+    reference_log = np.log(np.maximum(x.reference_dist[:, columns], EPS))
+    z = robust_z(query_log, reference_log)
+    caption = None
+    if x.query_text is not None and len(x.query):
+        mismatch = cosine_distance(x.query, x.query_text)
+        sample = x.pair_mismatch if x.pair_mismatch is not None and len(x.pair_mismatch) else mismatch
+        caption = robust_z(mismatch, sample)
+    return AutoTerms(sparse=z.max(axis=1), dense=(-z).max(axis=1), caption=caption,
+                     tau=auto_tau(len(x.reference_dist)), ladder=tuple(ladder))
+
+
+@DETECTORS.register
+class AutoDetector(Detector):
+    """The rate-robust default: ``max(S, D - tau) + max(C - tau, 0)`` (docs/detection.md, "auto").
+
+    ``z_k(q)``: ``ln r_k(q)`` standardised by the median and MAD of the reference points' own ``ln kdist_k``,
+    for ``k`` in the ladder ``4, 8, ..., K`` (``K``: :func:`auto_top_k` of the reference size, or ``--k``).
+    ``S = max_k z_k`` (sparse at some scale: few poisons among clean neighbours), ``D = max_k -z_k``
+    (abnormally dense: a trigger that collapsed many poisons into one tight cluster), ``C`` the robust z of the
+    image-caption cosine distance against every pair scored together (``pair_mismatch``: the whole batch or
+    data set, so a rank's share of a batch scores as in one process; else the queries; mismatched captions,
+    before the backdoor is learned),
+    ``tau = sqrt(2 ln m)`` for ``m`` reference points. ``S`` orders the samples; ``D`` and ``C`` count only
+    beyond ``tau``, where clean samples rarely reach, so they lift what is extreme without reordering the rest.
+    """
+
+    name = "auto"
+    default_k = AUTO_K_MAX
+    needs_reference_knn = True
+
+    def choose_k(self, reference_size: int) -> int | None:
+        return auto_top_k(reference_size)
+
+    def score(self, x: ScoreInputs) -> np.ndarray:
+        return auto_terms(x).score

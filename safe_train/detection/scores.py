@@ -18,6 +18,9 @@ the image of a caption) inadmissible.
 - Isolation forest (scikit-learn, 100 trees, fixed seed) fitted on the reference set; the score is
   ``-score_samples(q)`` (scikit-learn's score is higher for normal points).
 - CLIP score: ``1 - cos(image, own caption)``; needs no reference set (a weak baseline).
+- auto (the default of ``safe-train detect``): ``max(S, D - tau) + max(C - tau, 0)``, from robust z-scores of
+  ``ln r_k`` over the ladder ``k = 4, 8, ..., K(m)`` (sparse ``S`` and dense ``D`` sides) and of the CLIP score
+  (``C``); see :class:`safe_train.detection.detectors.AutoDetector`.
 
 Unlike the reference implementation, the statistics of reference points never include their own
 zero self-distance and neighbour indices always refer to the matrix they were taken from.
@@ -90,20 +93,24 @@ def _knn_input(x: Array) -> Array:
 
 def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, query_exclude: Array | None = None,
                  reference_exclude: Array | None = None, query_text: Array | None = None, k: int | None = None,
-                 metric: str = "l2", seed: int = 0, **knn_kwargs: Any) -> dict[str, np.ndarray]:
+                 metric: str = "l2", seed: int = 0, pair_mismatch: np.ndarray | None = None,
+                 **knn_kwargs: Any) -> dict[str, np.ndarray]:
     """Scores of every query row against ``reference`` (see the module docstring for the formulas).
 
     ``query_exclude`` / ``reference_exclude``: ``[n, e]`` / ``[m, e]`` reference indices inadmissible for
     each query / reference point (``-1`` = none; a reference point's own index is always excluded).
-    ``query_text``: the queries' own captions (for ``clip``). ``k`` overrides every detector's default
-    and is clamped to the number of admissible reference points. The kNN is computed once, for the
+    ``query_text``: the queries' own captions (for ``clip``). ``pair_mismatch``: ``1 - cos`` of every
+    image-caption pair scored together (``auto`` standardises its caption term by it). ``k`` overrides every detector's default
+    (``Detector.choose_k``; ``auto`` sizes its own from the reference) and is clamped to the number of
+    admissible reference points. The kNN is computed once, for the
     largest k the detectors need; each registered :class:`Detector` scores from it.
     """
     names = parse_detectors(detectors)
     chosen: dict[str, Detector] = {name: DETECTORS.get(name)() for name in names}
     q, r = _np(query), _np(reference)
     n, m = q.shape[0], r.shape[0]
-    inputs = ScoreInputs(q, r, None if query_text is None else _np(query_text), seed)
+    inputs = ScoreInputs(q, r, None if query_text is None else _np(query_text), seed,
+                         pair_mismatch=None if pair_mismatch is None else np.asarray(pair_mismatch, np.float64))
     ks: dict[str, int] = {}
     local = [name for name, det in chosen.items() if det.default_k is not None]
     if local:
@@ -112,7 +119,8 @@ def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, qu
         admissible = m - max(n_ex_q, n_ex_r)
         if admissible < 1:
             raise DetectError(f"a reference set of {m} points leaves no admissible neighbour")
-        ks = {name: min(detector_k(name, k), admissible) for name in local}
+        ks = {name: min(int(k) if k is not None else int(chosen[name].choose_k(admissible)), admissible)
+              for name in local}
         q_in, r_in = _knn_input(query), _knn_input(reference)
         q_dist, q_idx = knn(q_in, r_in, max(ks.values()), metric=metric, exclude=query_exclude, seed=seed,
                             **knn_kwargs)
@@ -161,7 +169,14 @@ def batch_scores(image: Array, text: Array, detectors: Sequence[str], *, k: int 
     chosen = slice(None) if queries is None else queries
     return local_scores(img[chosen], reference, detectors, query_exclude=query_exclude[chosen],
                         reference_exclude=partner, query_text=txt[chosen], k=k, metric=metric, seed=seed,
-                        **knn_kwargs)
+                        pair_mismatch=_pair_mismatch(img, txt, detectors), **knn_kwargs)
+
+
+def _pair_mismatch(image: Array, text: Array, detectors: Sequence[str]) -> np.ndarray | None:
+    """``1 - cos`` of every pair (only when ``auto`` is asked for: it standardises by them)."""
+    if "auto" not in parse_detectors(detectors):
+        return None
+    return clip_score(image, text)
 
 
 def _average(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -210,5 +225,6 @@ def global_scores(image: Array, text: Array, detectors: Sequence[str], *, refere
             query_exclude = np.concatenate([query_exclude, np.where(position >= 0, position + size, -1)[:, None]], 1)
         runs.append(local_scores(img, reference, detectors, query_exclude=query_exclude,
                                  reference_exclude=_pair_exclusions(size, with_text), query_text=txt, k=k,
-                                 metric=metric, seed=seed, **knn_kwargs))
+                                 metric=metric, seed=seed, pair_mismatch=_pair_mismatch(img, txt, detectors),
+                                 **knn_kwargs))
     return _average(runs)
