@@ -26,10 +26,10 @@ from safe_train.bench_data import build_mnist_benchmark
 from safe_train.bench_runs import (
     BENCH_ENTRIES,
     DEFAULT_ROWS,
-    NEEDS_WORDNET,
     SHARED_PRESET,
     BenchEntry,
     ensure_wordnet_offline,
+    needs_wordnet,
     parse_attack_params,
     read_history,
     run_training,
@@ -180,7 +180,7 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     # finetuning entries start from the `none` run: train it first (also when not asked for a row)
     needs_base = any(BENCH_ENTRIES[e].finetunes for e in entries)
     order = (["none"] if needs_base or "none" in entries else []) + [e for e in entries if e != "none"]
-    if any(BENCH_ENTRIES[e].defense in NEEDS_WORDNET for e in order):
+    if any(needs_wordnet(BENCH_ENTRIES[e]) for e in order):
         ensure_wordnet_offline()
     overrides = parse_attack_params(opts.attack_param)
     results: list[RunResult] = []

@@ -59,6 +59,7 @@ def shared_default(key: str) -> Any:
 
 _SAFECLIP_BENCH = preset_flags("safeclip-bench")
 _CLEANCLIP_BENCH = preset_flags("cleanclip-bench")
+_ROCLIP_BENCH = preset_flags("roclip-bench")
 BENCH_ENTRIES: dict[str, BenchEntry] = {
     "none": BenchEntry("none"),
     "safeclip": BenchEntry("safeclip", _SAFECLIP_BENCH),
@@ -67,6 +68,10 @@ BENCH_ENTRIES: dict[str, BenchEntry] = {
     "cleanclip": BenchEntry("cleanclip", _CLEANCLIP_BENCH, finetunes=True),
     # the paper's control: the same finetuning with the CLIP loss alone (no self-supervised terms)
     "cleanclip-clip-only": BenchEntry("cleanclip", (*_CLEANCLIP_BENCH, "--cleanclip-ss-weight", "0"), finetunes=True),
+    # pretraining from scratch on the poisoned set, as the none row (opt-in: not in the default rows yet)
+    "roclip": BenchEntry("roclip", _ROCLIP_BENCH),
+    # the original's cross_aug: SimCLR-style views (crops keep >= 50% of a digit) and EDA captions
+    "roclip-augment": BenchEntry("roclip", (*_ROCLIP_BENCH, "--roclip-crop-min-scale", "0.5", "--roclip-augment")),
 }
 DEFAULT_ROWS = ("none", "safeclip", "safeclip-inloop", "cleanclip", "cleanclip-clip-only")
 
@@ -147,6 +152,11 @@ def scaled_to_split(entry: BenchEntry, n_pairs: int) -> BenchEntry:
 
 
 NEEDS_WORDNET = ("safeclip", "cleanclip")  # their EDA captions use WordNet synonyms
+
+
+def needs_wordnet(entry: BenchEntry) -> bool:
+    """Whether a row makes EDA captions (WordNet synonyms): SafeCLIP, CleanCLIP, RoCLIP with --roclip-augment."""
+    return entry.defense in NEEDS_WORDNET or "--roclip-augment" in entry.flags
 
 
 def ensure_wordnet_offline() -> None:

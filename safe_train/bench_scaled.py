@@ -39,11 +39,11 @@ from safe_train.attacks import trigger_from_manifest
 from safe_train.bench_data import write_tsv
 from safe_train.bench_runs import (
     BENCH_ENTRIES,
-    NEEDS_WORDNET,
     SHARED_PRESET,
     BenchEntry,
     ensure_wordnet_offline,
     flag_value,
+    needs_wordnet,
     parse_attack_params,
     read_history,
     run_training,
@@ -485,7 +485,7 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
             raise ConfigError(f"{finetuners[0]} finetunes on {spec.finetune_fraction:.0%} of the training pairs, "
                               f"{n_finetune}, fewer than one batch ({batch}): raise --train-pairs to at least "
                               f"{round(batch / spec.finetune_fraction)}")
-    if any(BENCH_ENTRIES[d].defense in NEEDS_WORDNET for d in defenses):
+    if any(needs_wordnet(BENCH_ENTRIES[d]) for d in defenses):
         ensure_wordnet_offline()
     overrides = parse_attack_params(opts.attack_param)
     out = Path(opts.out).resolve()

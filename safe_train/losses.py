@@ -105,6 +105,26 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
             + contrastive_ce(text, image, logit_scale, gather, all_queries=all_text, all_keys=all_image)) / 2
 
 
+def clip_loss_to_keys(image: torch.Tensor, all_keys: torch.Tensor, logit_scale: torch.Tensor,
+                      gather: GatherSpec = SINGLE_PROCESS, *, all_image: torch.Tensor | None = None) -> torch.Tensor:
+    """``L_CLIP(I, K)`` against keys that carry no gradient and that every rank already holds for the whole
+    global batch (row i of ``all_keys`` pairs with global row i of the images): RoCLIP's nearest pool captions.
+
+    Nothing is gathered for ``K``: every rank computed the same ``all_keys`` from the same gathered queries, and
+    its own rows of it are its slice. Gradients reach ``image`` and the logit scale exactly as in
+    :func:`clip_loss` for every ``--local-loss`` / ``--gather-with-grad`` combination; ``all_image`` is the
+    already gathered ``image`` when the caller gathered it (with other features) in one collective.
+    """
+    keys = all_keys.detach()
+    if gather.world_size <= 1:
+        return clip_loss(image, keys, logit_scale)
+    if all_image is None:
+        all_image = gather_rows(image, gather)
+    rows = len(image)
+    local_keys = keys[gather.rank * rows:(gather.rank + 1) * rows]
+    return clip_loss(image, local_keys, logit_scale, gather, all_image=all_image, all_text=keys)
+
+
 class FeatureBank:
     """FIFO bank of past (gathered) embeddings, for nearest-neighbour positives (NNCLR) or caption pools.
 

@@ -151,7 +151,7 @@ def test_upstream_symbols_resolve_and_a_renamed_one_is_named(monkeypatch):
 
 
 def test_one_registry_type_serves_every_kind():
-    assert {"none", "safeclip", "cleanclip"} <= set(DEFENSES.names())
+    assert {"none", "safeclip", "cleanclip", "roclip"} <= set(DEFENSES.names())
     assert {"record_similarity", "zeroshot_eval", "detect"} <= set(CALLBACKS.names())
     assert {"kdist", "slof", "lid", "dao", "iforest", "clip"} <= set(DETECTORS.names())
     assert {"badnets", "blended", "sig", "wanet"} <= set(ATTACKS.names())

@@ -6,6 +6,6 @@ A new defense is one file: a :class:`~safe_train.interface.Defense` subclass dec
 entry point in the group ``safe_train.defenses`` makes ``pip install`` enough.
 """
 
-from safe_train.defenses import cleanclip, none, safeclip
+from safe_train.defenses import cleanclip, none, roclip, safeclip
 
-__all__ = ["cleanclip", "none", "safeclip"]
+__all__ = ["cleanclip", "none", "roclip", "safeclip"]
