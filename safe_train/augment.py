@@ -23,14 +23,16 @@ corpus reader for synonyms, which needs nothing but the WordNet database.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import math
+import multiprocessing
 import os
 import random
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -46,7 +48,7 @@ from safe_train.wordnet import (
 
 __all__ = [
     "WordNetMissingError", "ensure_wordnet", "install_wordnet", "EdaAugmenter", "eda_clean", "wordnet_synonyms",
-    "autoaugment_view", "simclr_view", "stable_seed",
+    "autoaugment_view", "simclr_view", "stable_seed", "private_global_rngs", "SharedEpoch",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +226,60 @@ def simclr_view(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0)) 
         transforms.RandomGrayscale(p=0.2),
         transforms.GaussianBlur(kernel, sigma=(0.1, 2.0)),
     ])
+
+
+@contextlib.contextmanager
+def private_global_rngs() -> Iterator[Callable[[int], None]]:
+    """Lend the process-global generators (``random``, numpy's, torch's CPU one) to a block, then put their
+    states back; the block gets a function that seeds all three.
+
+    torchvision's transforms draw from torch's global generator and OpenCLIP's colour jitter from ``random``,
+    with no way to pass them a generator. Seeding them per sample inside this block makes a sample's views a
+    function of the seed alone: the same whichever process or data-loader worker makes it and whatever ran
+    before, while the process's own streams (a sampler's seed, a resumed run's restored RNG) continue as if
+    the block had not run. Only the CPU generator is touched (``torch.manual_seed`` would reseed CUDA too).
+    """
+    import numpy as np
+    import torch
+
+    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+    def seed_all(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.default_generator.manual_seed(seed % (1 << 63))
+
+    try:
+        yield seed_all
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.default_generator.set_state(saved[2])
+
+
+class SharedEpoch:
+    """The current epoch in shared memory: data-loader workers, persistent ones included, read the value the
+    training loop last set (forked workers inherit it; spawned ones receive it when they start). Any other
+    copy (``pickle``, ``copy.deepcopy``) is a snapshot with its own value."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = multiprocessing.Value("q", int(epoch))
+
+    def set(self, epoch: int) -> None:
+        self._value.value = int(epoch)
+
+    def get(self) -> int:
+        return int(self._value.value)
+
+    def __getstate__(self) -> dict[str, object]:
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is None:  # not starting a process: shared memory cannot travel
+            return {"epoch": self.get()}
+        return {"value": self._value}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._value = state["value"] if "value" in state else multiprocessing.Value("q", int(state["epoch"]))
 
 
 class _ToRGB:

@@ -202,15 +202,22 @@ class IdSyntheticDataset(IdCsvDataset):
 class EpochSeededSampler(Sampler[int]):
     """Deterministic, rank-consistent shuffling of a subset of positions.
 
-    Every rank draws the same permutation from (seed, epoch, salt), truncates it to whole global
-    batches and takes its own strided share, so all ranks run the same number of steps.
-    ``complete=True`` instead pads the permutation with its own beginning to whole global batches
-    (every position at least once, as DistributedSampler pads): for inference passes that must
-    see every sample.
+    Every rank draws the same permutation from (seed, epoch, salt) and takes its own strided share, so all
+    ranks run the same number of steps. What happens to the last partial global batch:
+
+    - default: it is dropped, as OpenCLIP drops it (the permutation is truncated to whole global batches);
+    - ``complete=True`` (inference passes that must see every sample): the permutation is padded with its
+      own beginning to whole global batches (every position at least once, as DistributedSampler pads);
+    - ``keep_partial=True`` (training passes over a selection): it is trained as a smaller batch, so every
+      selected sample is trained exactly once per epoch and nothing is repeated. See :meth:`batch_sizes`
+      for how the tail is laid out across ranks and ``--accum-freq`` micro-batches.
     """
 
     def __init__(self, positions: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, salt: int = 0, complete: bool = False) -> None:
+                 seed: int = 0, salt: int = 0, complete: bool = False, keep_partial: bool = False,
+                 accum_freq: int = 1) -> None:
+        if complete and keep_partial:
+            raise ValueError("EpochSeededSampler: complete (pad) and keep_partial are exclusive")
         self.positions = np.asarray(positions, dtype=np.int64)
         self.batch_size = batch_size
         self.rank = rank
@@ -218,29 +225,94 @@ class EpochSeededSampler(Sampler[int]):
         self.seed = seed
         self.salt = salt
         self.complete = complete
+        self.keep_partial = keep_partial
+        self.accum_freq = max(1, int(accum_freq))
         self.epoch = 0
+        self._sizes: list[int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def batch_sizes(self) -> list[int]:
+        """Rows of each of this rank's batches, the same list on every rank (so every rank takes the same
+        number of steps and every step gathers equal row counts).
+
+        With ``keep_partial`` each rank gets ``n // world_size`` of the ``n`` selected samples, in whole
+        batches of ``batch_size`` and one smaller last optimizer step. That step's ``r`` rows per rank are
+        split over the ``--accum-freq`` micro-batches as evenly as possible; when ``r`` is smaller than the
+        number of micro-batches (only possible with ``--accum-freq`` > 1) they join the previous step,
+        whose micro-batches then hold ``batch_size`` or ``batch_size + 1`` rows. So with one rank every
+        selected sample is trained exactly once. With several ranks the last ``n % world_size`` samples of
+        the epoch's permutation (fewer than the number of ranks, a different few every epoch) are not
+        trained in that epoch: the feature gather of the losses needs equal row counts on every rank.
+        """
+        if not self.keep_partial:
+            return [self.batch_size] * self.num_batches
+        if self._sizes is not None:
+            return list(self._sizes)
+        per_rank = len(self.positions) // self.world_size
+        capacity = self.batch_size * self.accum_freq  # rows of one optimizer step on one rank
+        full, rest = divmod(per_rank, capacity)
+        sizes = [self.batch_size] * (full * self.accum_freq)
+        if rest >= self.accum_freq:
+            sizes += _even_split(rest, self.accum_freq)
+        elif rest and full:
+            sizes[-self.accum_freq:] = _even_split(capacity + rest, self.accum_freq)
+        elif rest:  # fewer rows per rank than micro-batches of one step: no step can be formed
+            log.warning(f"a selection pass of {len(self.positions)} samples over {self.world_size} rank(s) cannot "
+                        f"fill one step of {self.accum_freq} micro-batches (--accum-freq): it is not trained")
+        self._sizes = sizes
+        return list(sizes)
+
+    @property
+    def untrained(self) -> int:
+        """Selected samples a ``keep_partial`` epoch leaves out: 0 on one rank, fewer than the ranks on several
+        (more only when a rank's share cannot fill one step of ``--accum-freq`` micro-batches)."""
+        return len(self.positions) - len(self) * self.world_size if self.keep_partial else 0
+
     @property
     def num_batches(self) -> int:
         global_batch = self.batch_size * self.world_size
+        if self.keep_partial:
+            return len(self.batch_sizes())
         if self.complete:
             return -(-len(self.positions) // global_batch)
         return len(self.positions) // global_batch
 
     def __len__(self) -> int:
+        if self.keep_partial:
+            return sum(self.batch_sizes())
         return self.num_batches * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch, self.salt])
         order = self.positions[rng.permutation(len(self.positions))]
-        wanted = self.num_batches * self.batch_size * self.world_size
+        wanted = len(self) * self.world_size
         if wanted > len(order) and len(order):
             order = np.resize(order, wanted)  # repeats from the start
         order = order[:wanted]
         return iter(order[self.rank:: self.world_size].tolist())
+
+
+def _even_split(rows: int, parts: int) -> list[int]:
+    """``rows`` in ``parts`` sizes that differ by at most one, larger first."""
+    base, extra = divmod(rows, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+class PlannedBatches(Sampler[list[int]]):
+    """Batches of the sampler's indices with the sizes its ``batch_sizes()`` plans (a partial last step)."""
+
+    def __init__(self, sampler: EpochSeededSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = iter(self.sampler)
+        for size in self.sampler.batch_sizes():
+            yield list(itertools.islice(indices, size))
 
 
 @dataclass
@@ -255,6 +327,7 @@ class LoaderInfo:
     arm: Callable[[ResumeSkip, int], None] | None = None
     persistent_workers: bool = False  # workers (and their RNG) live from one epoch to the next
     workers: int = 0  # data-loader worker processes (0: batches are made in this process)
+    transform: Any = None  # the per-sample transform; told the epoch when it has ``set_epoch`` (seeded views)
 
     def arm_resume(self, skip: ResumeSkip, epoch: int) -> None:
         """Make the next iterator skip what a step checkpoint's run already trained on (see
@@ -273,17 +346,21 @@ class LoaderInfo:
             self.shared_epoch.set_value(epoch)
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        if self.transform is not None and hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
 
 
 def csv_loader(args, transform: SampleTransform, *, selection: Selection | None = None,
                upstream_order: bool = False, salt: int = 0, skip_counter: SkipCounter | None = None,
-               dataset: IdCsvDataset | None = None, complete: bool = False) -> LoaderInfo:
+               dataset: IdCsvDataset | None = None, complete: bool = False,
+               keep_partial: bool = False) -> LoaderInfo:
     """A training loader over a CSV file.
 
     ``upstream_order=True`` reproduces OpenCLIP's sampling exactly (RandomSampler from the global
     RNG, or DistributedSampler), which is what ``--defense none`` uses; otherwise the order is an
     :class:`EpochSeededSampler` over the selected samples (``complete``: pad instead of dropping the
-    last partial batch, for inference passes).
+    last partial batch, for inference passes; ``keep_partial``: train it as a smaller batch, for training
+    passes over a selection).
     """
     skip_counter = skip_counter or SkipCounter()
     if dataset is not None and dataset.transform is not transform:
@@ -302,9 +379,11 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
         num_samples = len(dataset)
     else:
         sampler = EpochSeededSampler(dataset.positions(selection), args.batch_size, args.rank, args.world_size,
-                                     args.seed, salt, complete=complete)
+                                     args.seed, salt, complete=complete, keep_partial=keep_partial,
+                                     accum_freq=getattr(args, "accum_freq", 1))
         num_samples = len(sampler.positions)
-    batches = ResumableBatchSampler(sampler, args.batch_size, drop_last=True)
+    planned = PlannedBatches(sampler) if keep_partial else None
+    batches = ResumableBatchSampler(sampler, args.batch_size, drop_last=True, inner=planned)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=True,
                         collate_fn=collate_with_cursor)
     loader.num_samples = num_samples
@@ -314,7 +393,8 @@ def csv_loader(args, transform: SampleTransform, *, selection: Selection | None 
         batches.skip = skip.batches
         dataset.rng_restore.arm(skip.worker_rng)
 
-    return LoaderInfo(loader, sampler=sampler, skip_counter=skip_counter, arm=arm, workers=args.workers)
+    return LoaderInfo(loader, sampler=sampler, skip_counter=skip_counter, arm=arm, workers=args.workers,
+                      transform=transform)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,4 +912,5 @@ def wds_loader(args, transform: SampleTransform, *, is_train: bool = True, epoch
     loader.num_samples = num_samples
     return LoaderInfo(loader, shared_epoch=shared_epoch, skip_counter=skip_counter,
                       needs_rank_sync=selection is not None, arm=cursor.arm,
-                      persistent_workers=persistent and args.workers > 0, workers=args.workers)
+                      persistent_workers=persistent and args.workers > 0, workers=args.workers,
+                      transform=transform)

@@ -5,6 +5,15 @@ upstream code). With ``--defense none`` and no callbacks every step does exactly
 (same batches, forward, loss, backward, optimizer, scheduler and logging), so losses match to float
 tolerance. What the engine adds: sample ids on every batch, passes chosen by the defense, per-sample
 state synced at epoch boundaries and saved next to each checkpoint, and resumable RNG streams.
+
+A pass over all data drops its last partial batch, as OpenCLIP does (a different few samples every epoch).
+A training pass over a selection (SafeCLIP's risky and safe sets, any ``TrainPass(selection=...)``) on a
+CSV keeps it as a smaller last step instead: a selection smaller than a batch would otherwise never be
+trained, and a small one would lose a large share of itself every epoch. Every rank takes the same number
+of steps (:meth:`safe_train.data.EpochSeededSampler.batch_sizes` gives the layout across ranks and
+``--accum-freq`` micro-batches), and the learning-rate schedule counts the steps actually taken
+(:meth:`Engine._lr_step`). Webdataset selection passes complete each worker's last batch with that
+worker's first samples instead (:class:`safe_train.data._PaddedBatches`).
 """
 
 from __future__ import annotations
@@ -211,12 +220,13 @@ class Engine:
 
     def _build_loader(self, args, epoch: int, selection: Selection | None, salt: int, main: bool = False,
                       expected: int | None = None, complete: bool = False,
-                      transform: SampleTransform | None = None) -> LoaderInfo:
+                      transform: SampleTransform | None = None, keep_partial: bool = False) -> LoaderInfo:
         counter = self.main_data.skip_counter if self.main_data is not None else SkipCounter()
         transform = transform or self._transform
         if self.data_kind in MAP_STYLE_KINDS:
             info = csv_loader(args, transform, selection=selection, upstream_order=main, salt=salt,
-                              skip_counter=counter, dataset=self._csv_dataset, complete=complete)
+                              skip_counter=counter, dataset=self._csv_dataset, complete=complete,
+                              keep_partial=keep_partial)
             if self._csv_dataset is None:
                 self._csv_dataset = info.dataloader.dataset
             if self.track_samples and len(self.ctx.table) == 0:
@@ -252,7 +262,15 @@ class Engine:
             expected = len(selection.ids) if not selection.exclude else max(
                 base - int(self.ctx.table.contains(selection.ids).sum() if len(self.ctx.table) else len(selection.ids)),
                 0)
-        return self._build_loader(args, epoch, selection, salt=1 + index, expected=expected, transform=transform)
+        # a training pass over a selection keeps its last partial batch (module docstring)
+        info = self._build_loader(args, epoch, selection, salt=1 + index, expected=expected, transform=transform,
+                                  keep_partial=pass_.selection is not None)
+        untrained = getattr(info.sampler, "untrained", 0)
+        if untrained and self.ctx.is_master:
+            logging.info(f"Epoch {epoch} [{pass_.name}]: {untrained} of {len(info.sampler.positions)} selected "
+                         f"samples are left out this epoch (every rank trains equal rows per step; see "
+                         f"EpochSeededSampler.batch_sizes)")
+        return info
 
     # ---- the epoch ----------------------------------------------------------------------------
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,

@@ -91,10 +91,15 @@ class _ConsumedIndices(list):
 
 class ResumableBatchSampler(Sampler[list[int]]):
     """``BatchSampler(sampler, batch_size, drop_last)`` whose next iterator marks its first
-    ``skip`` batches as consumed. Draws from the RNG exactly as the plain BatchSampler does."""
+    ``skip`` batches as consumed. Draws from the RNG exactly as the plain BatchSampler does.
 
-    def __init__(self, sampler: Sampler[int] | Any, batch_size: int, drop_last: bool) -> None:
-        self.inner = BatchSampler(sampler, batch_size, drop_last)
+    ``inner`` replaces the plain BatchSampler with another batch sampler over ``sampler`` (e.g. one with
+    a smaller last batch, :class:`safe_train.data.PlannedBatches`); skipping counts its batches the same way.
+    """
+
+    def __init__(self, sampler: Sampler[int] | Any, batch_size: int, drop_last: bool,
+                 inner: Sampler[list[int]] | None = None) -> None:
+        self.inner = inner if inner is not None else BatchSampler(sampler, batch_size, drop_last)
         self.sampler = sampler
         self.batch_size = batch_size
         self.drop_last = drop_last

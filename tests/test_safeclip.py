@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -200,10 +201,10 @@ def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
     assert [s["epoch"] for s in splits] == [2, 3, 4] and splits[0]["first_split"]
     assert [s["safe_ratio"] for s in splits[1:]] == pytest.approx([min(splits[0]["safe_ratio"] + 0.1 * k, 0.85)
                                                                   for k in (1, 2)])
-    for split in splits:  # one step per full batch of each subset (OpenCLIP drops the last partial batch)
+    for split in splits:  # one step per batch of each subset, its last partial batch included (issue 17)
         steps = [name for epoch, name in passes if epoch == split["epoch"]]
-        assert steps.count("safe") == split["num_safe"] // 16
-        assert steps.count("risky") == (64 - split["num_safe"]) // 16
+        assert steps.count("safe") == math.ceil(split["num_safe"] / 16)
+        assert steps.count("risky") == math.ceil((64 - split["num_safe"]) / 16)
     assert any(name == "safe" for _, name in passes)
     assert (tmp_path / "straight" / "safeclip" / "split_epoch_2.png").stat().st_size > 1000
     table = load_table(tmp_path / "straight", 4)
@@ -224,6 +225,29 @@ def test_training_phases_and_resume_mid_schedule(csv_64, tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed["safe"], table["safe"])
     np.testing.assert_allclose(resumed["similarity"], table["similarity"], rtol=1e-4, atol=1e-5)
     assert [s["num_safe"] for s in _splits(tmp_path / "killed")][-2:] == [s["num_safe"] for s in splits][-2:]
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_risky_set_smaller_than_a_batch_is_trained_every_epoch(csv_64, tmp_path, monkeypatch):
+    """At a 0.9 cap 7 of 64 samples are risky, fewer than a batch of 16: the risky pass still takes one step
+    (dropping the partial batch would give the risky samples no unimodal loss at all), and every sample is
+    trained exactly once in every split epoch."""
+    steps: list = []
+    with_callbacks(monkeypatch, _StepRecorder(steps))
+    flags = WARMUP + ["--safeclip-ratio-step", "0.9", "--safeclip-max-ratio", "0.9"]
+    assert run_safe_train(train_flags(csv_64, tmp_path, "cap", epochs=4, batch_size=16, extra=flags)) == 0
+    splits = _splits(tmp_path / "cap")
+    assert [s["epoch"] for s in splits] == [2, 3] and splits[1]["num_safe"] == 57  # floor(0.9 * 64)
+    for split in splits:
+        passes = [name for epoch, name, _ in steps if epoch == split["epoch"]]
+        assert passes.count("risky") == math.ceil((64 - split["num_safe"]) / 16)
+        assert passes.count("safe") == math.ceil(split["num_safe"] / 16)
+    assert [name for epoch, name, _ in steps if epoch == 3] == ["risky"] + ["safe"] * 4
+    table = load_table(tmp_path / "cap", 4)
+    np.testing.assert_array_equal(table["times_seen"], 4)  # 2 warmup epochs (64 = 4 x 16) + 2 split epochs
+    np.testing.assert_array_equal(table["last_epoch"], 3)
+    state = torch.load(tmp_path / "cap/checkpoints/epoch_4.safe_train/engine.ckpt", weights_only=False)
+    assert state["global_step"] == len(steps)
 
 
 @pytest.mark.usefixtures("wordnet")

@@ -7,8 +7,9 @@ a target caption; learning each modality on its own alongside the multimodal los
     L_SS   = ( CE(s·I·Ĩᵀ) + CE(s·T·T̃ᵀ) ) / 2        rows: originals, columns: augmented views
     L      = λ1·L_CLIP + λ2·L_SS                      (--cleanclip-clip-weight, --cleanclip-ss-weight)
 
-``Ĩ`` embeds AutoAugment (ImageNet policy, a fresh draw every time a sample is read) of the image and
-``T̃`` an EDA caption fixed per sample (seeded by the sample id). Originals and augmented views go
+``Ĩ`` embeds AutoAugment (ImageNet policy, a fresh draw every epoch, seeded by run seed, epoch and sample
+id so that runs are bit-reproducible with any ``--workers``) of the image and ``T̃`` an EDA caption fixed
+per sample (seeded by the sample id). Originals and augmented views go
 through each tower as one concatenated batch, so BatchNorm towers see both. One learned logit scale
 serves all terms. Under data parallelism columns are gathered from all ranks as OpenCLIP's
 ``ClipLoss`` does (``--local-loss`` and ``--gather-with-grad`` are honoured).
@@ -31,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from safe_train.augment import EdaAugmenter, autoaugment_view
+from safe_train.augment import EdaAugmenter, SharedEpoch, autoaugment_view, private_global_rngs, stable_seed
 from safe_train.errors import ConfigError
 from safe_train.flags import FlagConfig, check, option
 from safe_train.interface import Defense, SampleTransform, TrainContext, TrainPass
@@ -72,21 +73,45 @@ class CleanClipTransform:
     Both images get the model's training preprocessing (OpenCLIP's preprocess_train: with default
     flags a RandomResizedCrop of scale 0.9-1 and normalisation, the same as ``--defense none``); the
     augmented one gets AutoAugment first. ``with_views=False`` (λ2 = 0) returns only the pair.
+
+    Every random draw of an image is seeded by (``seed``, epoch, sample id, view: 0 the original, 1 the
+    AutoAugment view) through :func:`~safe_train.augment.private_global_rngs`, and the EDA caption by
+    (EDA seed, sample id), fixed for the run as in the original. So a sample's tensors do not depend on
+    which process or data-loader worker makes them, nor on what that process drew before: two runs with
+    the same flags train on identical batches with any ``--workers``, and a fresh AutoAugment draw still
+    comes every epoch. The training loop sets the epoch (:meth:`set_epoch`, through the loader). With λ2 = 0
+    the pair is made exactly as ``--defense none`` makes it (OpenCLIP's unseeded draws), so the control
+    run stays comparable to plain OpenCLIP finetuning.
     """
 
-    def __init__(self, preprocess: Any, tokenizer: Any, eda: EdaAugmenter | None, with_views: bool = True) -> None:
+    def __init__(self, preprocess: Any, tokenizer: Any, eda: EdaAugmenter | None, with_views: bool = True,
+                 seed: int = 0) -> None:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.eda = eda
         self.with_views = with_views
+        self.seed = seed
+        self.epoch = SharedEpoch()
         self.image_view = autoaugment_view()
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def image_seed(self, sample_id: int, view: int) -> int:
+        """The seed of one image view of one sample in the current epoch."""
+        return stable_seed("cleanclip-image", self.seed, self.epoch.get(), int(sample_id), view)
+
     def __call__(self, image: Any, caption: str, sample_id: int) -> dict[str, torch.Tensor]:
-        out = {"image": self.preprocess(image), "text": self.tokenizer([caption])[0]}
-        if self.with_views:
-            out["image_aug"] = self.preprocess(self.image_view(image))
-            out["text_aug"] = self.tokenizer([self.eda(caption, sample_id)])[0]
-        return out
+        text = self.tokenizer([caption])[0]
+        if not self.with_views:
+            return {"image": self.preprocess(image), "text": text}
+        with private_global_rngs() as seed_all:
+            seed_all(self.image_seed(sample_id, 0))
+            original = self.preprocess(image)
+            seed_all(self.image_seed(sample_id, 1))
+            augmented = self.preprocess(self.image_view(image))
+        return {"image": original, "text": text, "image_aug": augmented,
+                "text_aug": self.tokenizer([self.eda(caption, sample_id)])[0]}
 
 
 @dataclass
@@ -134,7 +159,8 @@ class CleanClip(Defense):
                      + ("" if self.with_views else " (plain CLIP finetuning: no augmented views)"))
 
     def sample_transform(self, ctx: TrainContext) -> SampleTransform:
-        return CleanClipTransform(ctx.preprocess_train, ctx.tokenizer, self.eda, self.with_views)
+        return CleanClipTransform(ctx.preprocess_train, ctx.tokenizer, self.eda, self.with_views,
+                                  seed=int(getattr(ctx.args, "seed", 0)))
 
     def forward(self, ctx: TrainContext, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 pass_: TrainPass) -> dict[str, torch.Tensor]:

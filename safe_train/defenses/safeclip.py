@@ -57,6 +57,7 @@ from safe_train.interface import Defense, Selection, StepOutput, TrainContext, T
 from safe_train.losses import SINGLE_PROCESS, FeatureBank, GatherSpec, clip_loss, contrastive_ce, gather_many
 from safe_train.manifest import Manifest
 from safe_train.registry import DEFENSES
+from safe_train.state import DeviceRows
 from safe_train.wordnet import ensure_wordnet
 
 SIMILARITY_MODES = ("pass", "inloop")
@@ -294,8 +295,7 @@ class SafeClip(Defense):
         self._transform: SafeClipTransform | None = None
         self._device = torch.device("cpu")  # the model's (ctx.device): banks and buffered similarities live there
         # similarities of steps / inference batches not yet in the table: (host ids, device values)
-        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        self._pending_rows = 0
+        self._pending = DeviceRows()  # similarities on the device until the epoch end or a step checkpoint
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
@@ -427,25 +427,18 @@ class SafeClip(Defense):
         if pass_.mode == "similarity":
             self._record_similarity(ctx, sample_ids, features)
 
-    #: Buffered similarities are moved to the table once this many are pending (bounds device memory: one
-    #: host sync per about a million samples instead of one per step).
-    FLUSH_ROWS = 1 << 20
-
     def _record_similarity(self, ctx: TrainContext, sample_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
         similarity = F.cosine_similarity(features["image_features"].float(), features["text_features"].float(), dim=-1)
-        self._pending.append((sample_ids.numpy(force=True), similarity))
-        self._pending_rows += len(similarity)
-        if self._pending_rows >= self.FLUSH_ROWS:
+        self._pending.add(sample_ids.numpy(force=True), similarity)
+        if self._pending.full:
             self.flush(ctx)
 
     def flush(self, ctx: TrainContext) -> None:
         """Record the buffered similarities in the table, in the order they were computed (one copy)."""
-        if not self._pending:
-            return
-        ids = np.concatenate([i for i, _ in self._pending])
-        values = torch.cat([v for _, v in self._pending]).cpu().numpy()
-        self._pending, self._pending_rows = [], 0
-        ctx.table.record("similarity", ids, values)
+        parts = self._pending.drain()
+        if parts:
+            ctx.table.record("similarity", np.concatenate([ids for ids, _, _ in parts]),
+                             np.concatenate([values for _, _, values in parts]))
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         for bank in self.banks.values():

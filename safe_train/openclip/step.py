@@ -221,7 +221,9 @@ class TrainStep:
                                      or batch_count == self.num_batches_per_epoch):
             return
         batch_size = len(result.batch["sample_id"])
-        num_samples = batch_count * batch_size * self.accum * args.world_size
+        num_samples = batch_count * batch_size * self.accum * args.world_size  # OpenCLIP's count
+        if batch_size < args.batch_size:  # a selection pass's partial last step: count it in full batches
+            num_samples = min(batch_count * args.batch_size * self.accum * args.world_size, self.num_samples)
         for key, val in result.losses.items():
             self.losses_m.setdefault(key, Meter()).update(val.item(), batch_size)
         logit_scale_scalar = result.logit_scale.item()
