@@ -8,11 +8,13 @@ workers:
 
  1. ``none`` in fp32 and with ``--precision amp``: AMP's losses against fp32's, step by step;
  2. ``safeclip`` with AMP, ``--accum-freq 2``, the memory bank and ``--detect kdist,lid,slof,dao``;
- 3. ``safeclip`` in-loop with ``amp_bf16`` and ``--torchcompile`` (compile only on CUDA or with --compile);
+ 3. ``safeclip`` in-loop with ``amp_bf16`` and ``--torchcompile`` (compile only on CUDA or with --compile),
+    and ``roclip`` with AMP (its caption pool on the device);
  4. ``cleanclip`` in ``fp16`` from the ``none`` checkpoint;
  5. webdataset SafeCLIP with a global detection reference, stopped by SIGUSR1 mid-epoch (exit 75, step
     checkpoint) and resumed with ``--resume latest`` to the end;
- 6. ``python -m safe_train.detect`` on the device;
+ 6. ``python -m safe_train.detect`` on the device, and its default detector (``auto``) on the device and
+    on the CPU: the same scores;
  7. kNN exactness on near-duplicates: the device's kNN (TF32 switched on globally, as OpenCLIP does) against a
     float64 brute force, next to what a TF32 GEMM would give;
  8. kNN timings of a global reference at 2e5, 1e6 and 3e6 x 512 with peak memory (goals on CUDA: 1e6 in
@@ -221,6 +223,10 @@ class Smoke:
         return self.trained("safeclip-inloop", self.flags("safeclip-inloop", precision="amp_bf16", extra=extra),
                             compiled=self.compile_model)
 
+    def roclip_amp(self) -> Check:
+        extra = ["--defense", "roclip", "--config", "roclip-bench", "--roclip-pool-size", str(4 * self.sizes.batch)]
+        return self.trained("roclip-amp", self.flags("roclip-amp", precision="amp", extra=extra))
+
     def cleanclip_fp16(self) -> Check:
         pretrained = self.checkpoint("none-fp32")
         if not pretrained.exists():
@@ -271,6 +277,32 @@ class Smoke:
         return Check("detect", ok, {"exit": proc.returncode, "files": ",".join(files) or "none",
                                     "seconds": round(time.monotonic() - started, 1)},
                      "" if ok else proc.stderr.strip()[-600:])
+
+    def detect_auto_agrees(self) -> Check:
+        """The default detector (``auto``) on the device and on the CPU: the same scores (TF32 off, issue 16)."""
+        checkpoint = self.checkpoint("none-fp32")
+        scores, seconds = {}, {}
+        for device in dict.fromkeys([self.device, "cpu"]):
+            out = self.out / f"detect-auto-{device.replace(':', '')}"
+            cmd = [sys.executable, "-m", "safe_train.detect", "--model", "st-tiny-vit", "--checkpoint",
+                   str(checkpoint), "--train-data", str(self.csv), "--csv-img-key", "filepath",
+                   "--csv-caption-key", "title", "--out", str(out), "--device", device, "--workers", "0",
+                   "--batch-size", str(self.sizes.batch)]
+            started = time.monotonic()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=600, cwd=REPO)
+            seconds[device] = round(time.monotonic() - started, 1)
+            if proc.returncode != 0:
+                return Check("detect-auto", False, {"device": device, "exit": proc.returncode},
+                             proc.stderr.strip()[-600:])
+            with np.load(out / "scores.npz") as saved:
+                order = np.argsort(saved["sample_id"])
+                scores[device] = saved["score"][order].astype(np.float64)
+        reference = scores["cpu"]
+        worst = max(float(np.max(np.abs(v - reference))) for v in scores.values())
+        scale = float(np.max(np.abs(reference))) or 1.0
+        return Check("detect-auto", worst <= 1e-3 * scale,
+                     {"max_abs_diff_vs_cpu": worst, "score_scale": scale,
+                      **{f"{d}_s": t for d, t in seconds.items()}})
 
     def knn_exactness(self) -> Check:
         import torch
@@ -360,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     smoke = Smoke(args.out, args.device, sizes, compile_model=cuda or args.compile)
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("none-amp", smoke.none_amp), ("safeclip-amp", smoke.safeclip_amp),
-        ("safeclip-inloop", smoke.safeclip_inloop), ("cleanclip-fp16", smoke.cleanclip_fp16),
-        ("wds-resume", smoke.wds_resume), ("detect", smoke.detect), ("knn-exactness", smoke.knn_exactness),
+        ("safeclip-inloop", smoke.safeclip_inloop), ("roclip-amp", smoke.roclip_amp),
+        ("cleanclip-fp16", smoke.cleanclip_fp16),
+        ("wds-resume", smoke.wds_resume), ("detect", smoke.detect), ("detect-auto", smoke.detect_auto_agrees),
+        ("knn-exactness", smoke.knn_exactness),
         ("knn-timing", smoke.knn_timing)]
     wanted = set(filter(None, args.only.split(",")))
     print(f"gpu_smoke on {device_name(args.device)} ({args.device}), out {args.out}", flush=True)

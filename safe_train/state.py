@@ -24,6 +24,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -661,3 +662,39 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old.exists():
         shutil.rmtree(old)
+
+
+class DeviceRows:
+    """Per-sample values computed on the training device, kept there until :meth:`drain` moves them to the
+    host in one copy: a copy per step would stall the GPU. ``full`` says when about ``limit`` rows are
+    buffered, which bounds the device memory they hold."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.limit = limit
+        self._parts: list[tuple[np.ndarray, Any, Any]] = []  # (ids on the host, tag, values on the device)
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, ids: np.ndarray, values: Any, tag: Any = None) -> None:
+        self._parts.append((ids, tag, values))
+        self._rows += len(values)
+
+    @property
+    def full(self) -> bool:
+        return self._rows >= self.limit
+
+    def drain(self) -> list[tuple[np.ndarray, Any, np.ndarray]]:
+        """Every buffered part in the order it was added, its values on the host (one device-to-host copy)."""
+        if not self._parts:
+            return []
+        import torch
+
+        parts, self._parts, self._rows = self._parts, [], 0
+        values = torch.cat([v for _, _, v in parts]).cpu().numpy()
+        out, start = [], 0
+        for ids, tag, part in parts:
+            out.append((ids, tag, values[start:start + len(part)]))
+            start += len(part)
+        return out

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import safe_train.state as state_module
 from safe_train.state import SampleTable, UnknownSampleError, unique_counts, unique_ids
@@ -343,3 +344,18 @@ def test_two_rank_gloo_sync_gives_identical_tables(tmp_path):
     for result in results:
         np.testing.assert_array_equal(result["ids"], ids)
         np.testing.assert_array_equal(result["v"], values)
+
+
+def test_device_rows_drain_in_order_with_one_copy_and_report_full():
+    from safe_train.state import DeviceRows
+
+    rows = DeviceRows(limit=5)
+    rows.add(np.array([3, 1]), torch.tensor([0.5, 0.25]), tag=0)
+    assert not rows.full and len(rows) == 2
+    rows.add(np.array([7, 8, 9]), torch.tensor([1.0, 2.0, 3.0]), tag=1)
+    assert rows.full
+    parts = rows.drain()
+    assert [(ids.tolist(), tag, values.tolist()) for ids, tag, values in parts] == [
+        ([3, 1], 0, [0.5, 0.25]), ([7, 8, 9], 1, [1.0, 2.0, 3.0])]
+    assert all(isinstance(values, np.ndarray) for _, _, values in parts)
+    assert rows.drain() == [] and len(rows) == 0 and not rows.full

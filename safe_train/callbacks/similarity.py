@@ -11,6 +11,7 @@ import torch
 from safe_train.flags import FlagConfig, option
 from safe_train.interface import Callback, StepOutput, TrainContext
 from safe_train.registry import CALLBACKS
+from safe_train.state import DeviceRows
 
 
 @dataclass
@@ -41,16 +42,12 @@ class SimilarityRecorder(Callback):
         self.config = config or SimilarityConfig(record_similarity=True)
 
     #: Pending similarities move to the table once this many are buffered (bounds device memory).
-    FLUSH_ROWS = 1 << 20
-
     def setup(self, ctx: TrainContext) -> None:
         ctx.table.add_column("train_similarity", np.float32, np.nan)
         ctx.table.add_column("similarity_epoch", np.int32, -1)
         self._sum = 0.0
         self._count = 0
-        # steps not yet in the table: (host ids, epoch, device similarities); moved in :meth:`flush`
-        self._pending: list[tuple[np.ndarray, int, torch.Tensor]] = []
-        self._pending_rows = 0
+        self._pending = DeviceRows()  # steps not yet in the table (tagged with their epoch); see :meth:`flush`
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         self._sum, self._count = 0.0, 0
@@ -62,21 +59,13 @@ class SimilarityRecorder(Callback):
         if image is None or text is None:
             return
         similarity = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
-        self._pending.append((step.sample_ids.numpy(force=True), ctx.epoch, similarity))
-        self._pending_rows += len(similarity)
-        if self._pending_rows >= self.FLUSH_ROWS:
+        self._pending.add(step.sample_ids.numpy(force=True), similarity, tag=ctx.epoch)
+        if self._pending.full:
             self.flush(ctx)
 
     def flush(self, ctx: TrainContext) -> None:
         """One device-to-host copy of everything buffered, recorded step by step in the original order."""
-        if not self._pending:
-            return
-        pending, self._pending, self._pending_rows = self._pending, [], 0
-        values = torch.cat([v for _, _, v in pending]).cpu().numpy()
-        start = 0
-        for ids, epoch, similarity in pending:
-            part = values[start:start + len(similarity)]
-            start += len(similarity)
+        for ids, epoch, part in self._pending.drain():
             ctx.table.record("train_similarity", ids, part)
             ctx.table.record("similarity_epoch", ids, np.full(len(ids), epoch, np.int32))
             self._sum += float(part.sum())  # per step, as a float32 sum of that step's values
