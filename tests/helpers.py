@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from safe_train.interface import Callback
 
@@ -88,3 +90,18 @@ def with_callbacks(monkeypatch, *extra: Callback) -> None:
     from safe_train.args import create_callbacks
 
     monkeypatch.setattr(st_main, "create_callbacks", lambda args: create_callbacks(args) + list(extra))
+
+
+def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """``n`` seeded random unit vectors of width ``d`` (embeddings for loss hand computations)."""
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def hand_ce(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> float:
+    """Mean over rows i of -log softmax_j(scale * <row_i, col_j>)[i], with plain Python loops."""
+    total = 0.0
+    for i in range(len(rows)):
+        logits = [scale * float(rows[i] @ cols[j]) for j in range(len(cols))]
+        top = max(logits)
+        total += -(logits[i] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / len(rows)

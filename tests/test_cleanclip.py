@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import train_flags
-from helpers import KillAtEpoch, Killed, load_state_dict, run_safe_train, with_callbacks
+from helpers import KillAtEpoch, Killed, hand_ce, load_state_dict, run_safe_train, unit_rows, with_callbacks
 
 from safe_train.defenses.cleanclip import CleanClip, cleanclip_losses
 from safe_train.errors import ConfigError
@@ -17,31 +16,17 @@ from safe_train.interface import Callback
 pytestmark = pytest.mark.usefixtures("wordnet")  # EDA needs WordNet (installed offline if missing)
 
 
-def _unit(n: int, d: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def _hand_ce(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> float:
-    """Mean over rows i of -log softmax_j(scale * <row_i, col_j>)[i], with plain Python loops."""
-    total = 0.0
-    for i in range(len(rows)):
-        logits = [scale * float(rows[i] @ cols[j]) for j in range(len(cols))]
-        top = max(logits)
-        total += -(logits[i] - top - math.log(sum(math.exp(v - top) for v in logits)))
-    return total / len(rows)
-
-
 # ---- the loss ----------------------------------------------------------------------------------------
 def test_loss_terms_equal_hand_computation():
-    image, text, image_aug, text_aug = (_unit(5, 4, s) for s in range(4))
+    image, text, image_aug, text_aug = (unit_rows(5, 4, s) for s in range(4))
     s = 7.5
     out = cleanclip_losses(image, text, image_aug, text_aug, torch.tensor(s))
-    clip = (_hand_ce(image, text, s) + _hand_ce(text, image, s)) / 2  # both directions
-    ss = (_hand_ce(image, image_aug, s) + _hand_ce(text, text_aug, s)) / 2  # originals as queries only
+    clip = (hand_ce(image, text, s) + hand_ce(text, image, s)) / 2  # both directions
+    ss = (hand_ce(image, image_aug, s) + hand_ce(text, text_aug, s)) / 2  # originals as queries only
     assert float(out["clip_loss"]) == pytest.approx(clip, rel=1e-5)
     assert float(out["ss_loss"]) == pytest.approx(ss, rel=1e-5)
-    symmetric = (_hand_ce(image, image_aug, s) + _hand_ce(image_aug, image, s)) / 2
-    assert float(out["ss_loss"]) != pytest.approx((symmetric + _hand_ce(text, text_aug, s)) / 2, rel=1e-4)
+    symmetric = (hand_ce(image, image_aug, s) + hand_ce(image_aug, image, s)) / 2
+    assert float(out["ss_loss"]) != pytest.approx((symmetric + hand_ce(text, text_aug, s)) / 2, rel=1e-4)
     weighted = cleanclip_losses(image, text, image_aug, text_aug, torch.tensor(s), clip_weight=0.5, ss_weight=8)
     assert float(weighted["clip_loss"]) == pytest.approx(0.5 * clip, rel=1e-5)
     assert float(weighted["ss_loss"]) == pytest.approx(8 * ss, rel=1e-5)
@@ -50,7 +35,7 @@ def test_loss_terms_equal_hand_computation():
 def test_clip_term_is_open_clips_cliploss_and_ss_zero_without_views():
     from open_clip.loss import ClipLoss
 
-    image, text = _unit(6, 8, 1), _unit(6, 8, 2)
+    image, text = unit_rows(6, 8, 1), unit_rows(6, 8, 2)
     reference = ClipLoss()(image, text, torch.tensor(20.0))
     out = cleanclip_losses(image, text, None, None, torch.tensor(20.0), ss_weight=0.0)
     torch.testing.assert_close(out["clip_loss"], reference)

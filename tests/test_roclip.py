@@ -3,7 +3,6 @@ real training runs (text tower frozen in RoCLIP epochs, finetuning, cross augmen
 
 from __future__ import annotations
 
-import math
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import PYTHON, base_env, train_flags, write_csv_dataset
-from helpers import load_state_dict, run_safe_train, with_callbacks
+from helpers import hand_ce, load_state_dict, run_safe_train, unit_rows, with_callbacks
 
 from safe_train.defenses.roclip import (
     CaptionPool,
@@ -29,20 +28,6 @@ from safe_train.losses import GatherSpec
 ROCLIP = ["--defense", "roclip", "--roclip-pool-size", "20"]  # 64 pairs, batch 8: the pool wraps within an epoch
 
 
-def _unit(n: int, d: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def _hand_ce(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> float:
-    """Mean over rows i of -log softmax_j(scale * <row_i, col_j>)[i], with plain Python loops."""
-    total = 0.0
-    for i in range(len(rows)):
-        logits = [scale * float(rows[i] @ cols[j]) for j in range(len(cols))]
-        top = max(logits)
-        total += -(logits[i] - top - math.log(sum(math.exp(v - top) for v in logits)))
-    return total / len(rows)
-
-
 def _text_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in state if not k.removeprefix("module.").startswith("visual.")
             and k.removeprefix("module.") not in ("logit_scale", "logit_bias")]
@@ -55,17 +40,17 @@ def _bare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---- the loss and the pool, on tiny tensors ------------------------------------------------------------
 def test_loss_equals_hand_computation():
     pool = CaptionPool(4, 3)  # 3 of 4 slots filled: the empty one must never be chosen
-    past = _unit(3, 3, 1)
+    past = unit_rows(3, 3, 1)
     pool.enqueue(past)
-    image, text = _unit(5, 3, 2).requires_grad_(True), _unit(5, 3, 3)
+    image, text = unit_rows(5, 3, 2).requires_grad_(True), unit_rows(5, 3, 3)
     s = 6.5
     out = roclip_loss(image, text, torch.tensor(s), pool)
     nearest = [max(range(3), key=lambda j, i=i: float(image.detach()[i] @ past[j])) for i in range(5)]
     keys = past[nearest]
     torch.testing.assert_close(out.keys, keys)
-    want = (_hand_ce(image.detach(), keys, s) + _hand_ce(keys, image.detach(), s)) / 2  # s·I·T_nnᵀ and transpose
+    want = (hand_ce(image.detach(), keys, s) + hand_ce(keys, image.detach(), s)) / 2  # s·I·T_nnᵀ and transpose
     assert float(out.loss) == pytest.approx(want, rel=1e-5)
-    assert float(out.loss) != pytest.approx((_hand_ce(image.detach(), text, s) + _hand_ce(text, image.detach(), s)) / 2,
+    assert float(out.loss) != pytest.approx((hand_ce(image.detach(), text, s) + hand_ce(text, image.detach(), s)) / 2,
                                             rel=1e-3)  # not the batch's own captions
     out.loss.backward()
     assert image.grad is not None and image.grad.abs().max() > 0
@@ -78,7 +63,7 @@ def test_loss_equals_hand_computation():
 def test_plain_epochs_train_openclips_clip_loss():
     from open_clip.loss import ClipLoss
 
-    image, text = _unit(6, 8, 1), _unit(6, 8, 2)
+    image, text = unit_rows(6, 8, 1), unit_rows(6, 8, 2)
     features = {"image_features": image, "text_features": text, "logit_scale": torch.tensor(20.0)}
     defense = RoClip(RoClipConfig(pool_size=4))
     out = defense.compute_loss(None, features, TrainPass("train", mode="clip"), None)
@@ -91,10 +76,10 @@ def test_plain_epochs_train_openclips_clip_loss():
 
 
 def test_nearest_captions_come_from_the_pool_read_before_the_enqueue():
-    image = _unit(4, 6, 0)
+    image = unit_rows(4, 6, 0)
     text = image.clone()  # each image's own caption would be its perfect match
     pool = CaptionPool(16, 6)
-    past = _unit(8, 6, 5)
+    past = unit_rows(8, 6, 5)
     pool.enqueue(past)
     out = roclip_loss(image, text, torch.tensor(10.0), pool)
     for i, key in enumerate(out.keys):
@@ -184,7 +169,7 @@ COMBOS = ((False, False), (False, True), (True, False), (True, True))  # (local_
 
 def _steps() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(images, captions) of the concatenated batch of two steps, the same in every process."""
-    return [(_unit(WORLD * ROWS, DIM, 300 + 2 * k), _unit(WORLD * ROWS, DIM, 301 + 2 * k)) for k in range(2)]
+    return [(unit_rows(WORLD * ROWS, DIM, 300 + 2 * k), unit_rows(WORLD * ROWS, DIM, 301 + 2 * k)) for k in range(2)]
 
 
 def _rows(rank: int) -> slice:
