@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, base_env, train_flags
-from helpers import KillAtEpoch, Killed, load_table, run_safe_train, with_callbacks
+from helpers import KillAtEpoch, Killed, hand_ce, load_table, run_safe_train, unit_rows, with_callbacks
 
 from safe_train.args import build_parser
 from safe_train.defenses.safeclip import SafeClip, choose_safe, fit_similarity_mixture
@@ -110,43 +110,30 @@ def test_bad_settings_are_config_errors(flags, message):
 
 
 # ---- loss terms ---------------------------------------------------------------------------------
-def _unit(n: int, d: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def _hand_ce(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> float:
-    """Mean over rows of -log softmax(scale · q_i · K)[i], written out with exp and log."""
-    total = 0.0
-    for i in range(len(queries)):
-        logits = [scale * float(queries[i] @ keys[j]) for j in range(len(keys))]
-        total += -(logits[i] - np.log(np.sum(np.exp(logits))))
-    return total / len(queries)
-
-
 def test_loss_terms_match_hand_computation():
-    i1, i2, t1, t2 = (_unit(4, 3, s) for s in range(4))
+    i1, i2, t1, t2 = (unit_rows(4, 3, s) for s in range(4))
     scale = torch.tensor(7.0)
-    assert float(contrastive_ce(i2, i1, scale)) == pytest.approx(_hand_ce(i2, i1, 7.0), rel=1e-5)
-    assert float(clip_loss(i1, t2, scale)) == pytest.approx((_hand_ce(i1, t2, 7.0) + _hand_ce(t2, i1, 7.0)) / 2, rel=1e-5)
+    assert float(contrastive_ce(i2, i1, scale)) == pytest.approx(hand_ce(i2, i1, 7.0), rel=1e-5)
+    assert float(clip_loss(i1, t2, scale)) == pytest.approx((hand_ce(i1, t2, 7.0) + hand_ce(t2, i1, 7.0)) / 2, rel=1e-5)
 
     defense = _defense()
     features = {"image_features": i1, "text_features": t2, "image_view2_features": i2, "text_view1_features": t1,
                 "logit_scale": scale}
     uni = defense.compute_loss(None, features, TrainPass(mode="unimodal"), None)
     assert list(uni) == ["unimodal_loss"]
-    assert float(uni["unimodal_loss"]) == pytest.approx((_hand_ce(i2, i1, 7.0) + _hand_ce(t2, t1, 7.0)) / 2, rel=1e-5)
+    assert float(uni["unimodal_loss"]) == pytest.approx((hand_ce(i2, i1, 7.0) + hand_ce(t2, t1, 7.0)) / 2, rel=1e-5)
     mm = defense.compute_loss(None, features, TrainPass(mode="multimodal"), None)
-    expected = (_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7) + _hand_ce(i2, t1, 7) + _hand_ce(t1, i2, 7)) / 4
+    expected = (hand_ce(i1, t2, 7) + hand_ce(t2, i1, 7) + hand_ce(i2, t1, 7) + hand_ce(t1, i2, 7)) / 4
     assert float(mm["multimodal_loss"]) == pytest.approx(expected, rel=1e-5)
     raw = _defense("--safeclip-safe-input", "raw").compute_loss(
         None, {"image_features": i1, "text_features": t2, "logit_scale": scale}, TrainPass(mode="multimodal"), None)
-    assert float(raw["multimodal_loss"]) == pytest.approx((_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7)) / 2, rel=1e-5)
+    assert float(raw["multimodal_loss"]) == pytest.approx((hand_ce(i1, t2, 7) + hand_ce(t2, i1, 7)) / 2, rel=1e-5)
 
     def base_loss(image_features, text_features, logit_scale, output_dict):
         return {"contrastive_loss": clip_loss(image_features, text_features, logit_scale)}
 
     safe = defense.compute_loss(None, features, TrainPass(mode="clip"), base_loss)
-    assert float(safe["clip_loss"]) == pytest.approx((_hand_ce(i1, t2, 7) + _hand_ce(t2, i1, 7)) / 2, rel=1e-5)
+    assert float(safe["clip_loss"]) == pytest.approx((hand_ce(i1, t2, 7) + hand_ce(t2, i1, 7)) / 2, rel=1e-5)
 
 
 def test_memory_bank_nearest_neighbour_and_fifo():
@@ -161,12 +148,12 @@ def test_memory_bank_nearest_neighbour_and_fifo():
 
     defense = _defense("--safeclip-memory-bank", "4")
     defense.banks = {"image": FeatureBank(4, 3, 0), "text": FeatureBank(4, 3, 1)}
-    i1, i2, t1, t2 = (_unit(2, 3, s) for s in range(4))
+    i1, i2, t1, t2 = (unit_rows(2, 3, s) for s in range(4))
     features = {"image_features": i1, "text_features": t2, "image_view2_features": i2, "text_view1_features": t1,
                 "logit_scale": torch.tensor(3.0)}
     loss = defense.compute_loss(None, features, TrainPass(mode="unimodal"), None)["unimodal_loss"]
     a, b = defense.banks["image"].nearest(i1), defense.banks["text"].nearest(t1)
-    assert float(loss) == pytest.approx((_hand_ce(i2, a, 3.0) + _hand_ce(t2, b, 3.0)) / 2, rel=1e-5)
+    assert float(loss) == pytest.approx((hand_ce(i2, a, 3.0) + hand_ce(t2, b, 3.0)) / 2, rel=1e-5)
 
 
 # ---- real training runs -----------------------------------------------------------------------------
