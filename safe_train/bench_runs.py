@@ -32,12 +32,15 @@ class BenchEntry:
 
     ``flags`` come after the shared recipe (so they may override it). A ``finetunes`` entry starts from
     the final checkpoint of the ``none`` run of the same attack and seed and trains on the benchmark's
-    clean held-out finetune split (``finetune.csv``), not on the poisoned training set.
+    clean held-out finetune split (``finetune.csv``), not on the poisoned training set. A ``cleans`` entry
+    (scaled benchmark only) scores the poisoned training set with that same checkpoint
+    (``python -m safe_train.detect``) and trains from scratch on it minus the detector's blocklist.
     """
 
     defense: str
     flags: tuple[str, ...] = ()
     finetunes: bool = False
+    cleans: bool = False
 
 
 # Every recipe lives in a packaged preset (safe_train/configs/*.yaml), which also documents why it is
@@ -74,6 +77,12 @@ BENCH_ENTRIES: dict[str, BenchEntry] = {
     "roclip-augment": BenchEntry("roclip", (*_ROCLIP_BENCH, "--roclip-crop-min-scale", "0.5", "--roclip-augment")),
 }
 DEFAULT_ROWS = ("none", "safeclip", "safeclip-inloop", "cleanclip", "cleanclip-clip-only")
+# Cleaning end to end (detect -> blocklist -> retrain none): only the scaled benchmark runs these rows, so they
+# are kept out of BENCH_ENTRIES, where the small benchmark would train them as plain none runs. --track-samples
+# (counting only: the same batches and weights) lets the runner prove no blocklisted id reached the loss.
+CLEANING_ENTRIES: dict[str, BenchEntry] = {
+    "none-cleaned": BenchEntry("none", ("--track-samples",), cleans=True),
+}
 
 
 def parse_attack_params(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -107,11 +116,14 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_training(flags: list[str], threads: int, label: str, log_file: Path) -> float:
+def run_training(flags: list[str], threads: int, label: str, log_file: Path,
+                 module: str = "safe_train.main") -> float:
+    """Run ``python -m module flags`` (a training run, or ``safe_train.detect``) with ``threads`` OpenMP threads,
+    its output in ``log_file``; returns its wall seconds, raises with the log's tail when it fails."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     started = time.time()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "safe_train.main", *flags], env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", module, *flags], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
@@ -125,7 +137,8 @@ def run_training(flags: list[str], threads: int, label: str, log_file: Path) -> 
         proc.wait()
     if proc.returncode != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise SafeTrainError(f"training run {label} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
+        what = "training run" if module == "safe_train.main" else module
+        raise SafeTrainError(f"{what} {label} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
     return time.time() - started
 
 

@@ -12,6 +12,11 @@ rate (``--defense-rates``), and evaluates the final checkpoint:
 - R@1: image→text and text→image on held-out scenes with distinct captions (1,000 at ``medium``);
 - targeted success: the share of the 8 target images classified as their target class.
 
+The opt-in ``none-cleaned`` row is cleaning end to end: ``python -m safe_train.detect`` (its default ``auto``
+detector) scores the poisoned training set with the final checkpoint of the cell's ``none`` run, and ``none`` is
+trained again from scratch without the blocklisted ids (``--blocklist``); the row adds the blocklist's size, the
+poisons it caught, the clean pairs it cost and the detector's AUROC / PR-AUC / FPR@95.
+
 Every run is a cell file under ``<out>/cells``, reused when its flags and inputs are unchanged, so a
 table can be built over several sittings; the table (mean ± standard error over seeds) and plots go to
 ``<out>/results/<scale>-<split>/`` (:mod:`safe_train.bench_stats`).
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import random
 import shlex
 import shutil
@@ -32,13 +38,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from safe_train.args import config_to_argv
+from safe_train.args import config_to_argv, load_id_list
 from safe_train.attacks import trigger_from_manifest
 from safe_train.bench_data import write_tsv
 from safe_train.bench_runs import (
     BENCH_ENTRIES,
+    CLEANING_ENTRIES,
     SHARED_PRESET,
     BenchEntry,
     ensure_wordnet_offline,
@@ -51,13 +59,16 @@ from safe_train.bench_runs import (
     sha256,
 )
 from safe_train.bench_stats import (
+    CELL_KEYS,
     aggregate,
     lowest_learned_rate,
+    mean_se,
     plot_accuracy_vs_asr,
     plot_asr_vs_rate,
     plot_curves,
     write_results,
 )
+from safe_train.checkpoint import sidecar_path
 from safe_train.errors import ConfigError, SafeTrainError
 from safe_train.evaluate import (
     LabelledImages,
@@ -71,6 +82,7 @@ from safe_train.poison import poison_dataset
 from safe_train.scenes import DEFAULT_CANVAS, SceneCorpus, build_scene_corpus, check_build
 from safe_train.scenes import model_flags as scene_model_flags
 from safe_train.scenes import model_name as scene_model_name
+from safe_train.state import SampleTable
 from safe_train.zeroshot_sets import get_zeroshot_set
 
 TARGET = "zero"
@@ -85,6 +97,8 @@ SCENE_ATTACKS: dict[str, dict[str, Any]] = {
     "targeted": {},
 }
 SCALED_DEFENSES = ("none", "safeclip", "cleanclip", "cleanclip-clip-only")
+# every row the scaled benchmark can run: the shared entries plus the cleaning rows only it knows how to run
+SCALED_ENTRIES: dict[str, BenchEntry] = {**BENCH_ENTRIES, **CLEANING_ENTRIES}
 DEFAULT_RATES = (0.0005, 0.001, 0.0025, 0.01)
 SPLIT_DIRS = {"validation": "val", "test": "test"}  # bench_stats' split names -> the corpus's
 LEARNED_ASR = 0.8
@@ -138,6 +152,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default=None, help="Training precision (default: the scale's: fp32, amp on large).")
     g.add_argument("--train-format", choices=("csv", "wds"), default=None,
                    help="Poison and train on the corpus's CSV or its webdataset shards (default: csv; wds on large).")
+    g.add_argument("--clean-budget", default=None, metavar="B",
+                   help="Blocklist size of the cleaning rows (" + ", ".join(CLEANING_ENTRIES) + ": detect with the "
+                        "none run's checkpoint, retrain none without the blocklist): a whole number B blocklists the "
+                        "B highest detector scores, a fraction 0 < B < 1 that share of the training pairs. Default: "
+                        "the detector's own rule (auto score > sqrt(2 ln m)).")
 
 
 def scale_spec(opts: argparse.Namespace) -> ScaleSpec:
@@ -174,6 +193,77 @@ def _rates(text: str | None, flag: str = "--poison-rates") -> list[float]:
     if not rates or any(not 0 < r < 1 for r in rates):
         raise ConfigError(f"{flag} must lie in (0, 1), got {text!r}")
     return rates
+
+
+def parse_clean_budget(text: str | None) -> int | float | None:
+    """``--clean-budget``: a count (whole number >= 0), a share of the training pairs (0 < B < 1) or None (the
+    detector's threshold rule); kept as given so the table can say which it was."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        share = float(text)
+    except ValueError:
+        raise ConfigError(f"--clean-budget must be a count or a fraction in (0, 1), got {text!r}") from None
+    if not 0 < share < 1:
+        raise ConfigError(f"--clean-budget must be a whole count or a fraction in (0, 1), got {text!r}")
+    return share
+
+
+def budget_count(budget: int | float | None, n_train: int) -> int | None:
+    """The ``--blocklist-budget`` that ``budget`` means on ``n_train`` pairs (None: the detector's rule)."""
+    if budget is None:
+        return None
+    count = round(budget * n_train) if isinstance(budget, float) else budget
+    if not 0 <= count < n_train:
+        raise ConfigError(f"--clean-budget {budget} blocklists {count} of {n_train} training pairs: it must leave "
+                          "some to train on (and cannot be negative)")
+    return count
+
+
+def cleaning_stats(blocked: np.ndarray, poisoned_ids: Sequence[int], n_train: int) -> dict[str, Any]:
+    """What a blocklist did to a training set of ``n_train`` pairs of which ``poisoned_ids`` are poisoned: poisons
+    caught and clean pairs lost, as counts and as shares (of the poisons, of the clean pairs)."""
+    blocked = np.unique(np.asarray(blocked, dtype=np.int64))
+    poisoned = np.unique(np.asarray(poisoned_ids, dtype=np.int64))
+    if len(blocked) > n_train:
+        raise SafeTrainError(f"the blocklist holds {len(blocked)} ids, more than the {n_train} training pairs")
+    caught = int(np.isin(blocked, poisoned).sum())
+    n_clean = n_train - len(poisoned)
+    lost = len(blocked) - caught
+    return {
+        "n_blocklisted": len(blocked), "poisons_blocklisted": caught, "n_poisoned": len(poisoned),
+        "poisons_blocklisted_share": caught / len(poisoned) if len(poisoned) else None,
+        "n_clean_train": n_clean, "clean_lost": lost, "clean_lost_share": lost / n_clean if n_clean else None,
+        "n_train_cleaned": n_train - len(blocked),
+    }
+
+
+def detection_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of ``safe_train.detect``'s report.json that the row keeps: the first (blocklisting) detector's
+    AUROC / PR-AUC / FPR@95 (None without poisons to score against) and the rule that sized the blocklist."""
+    detector = report["detectors"][0]
+    metrics = report.get("metrics", {}).get(detector, {})
+    blocklist = report["blocklist"]
+    rule = (f"budget {blocklist['budget']}" if blocklist.get("budget") is not None
+            else f"score > {blocklist['threshold']:.3f}" if blocklist.get("threshold") is not None else "none")
+    return {"detector": detector, "detect_auroc": metrics.get("auroc"), "detect_pr_auc": metrics.get("pr_auc"),
+            "detect_fpr95": metrics.get("fpr95"), "blocklist_rule": rule,
+            "detect_threshold": blocklist.get("threshold"), "detect_num_samples": report["num_samples"],
+            "detect_reference_size": report.get("reference_size"), "detect_backend": report.get("backend")}
+
+
+def trained_ids(checkpoint: Path) -> np.ndarray:
+    """The sample ids that reached the loss in a ``--track-samples`` run (``times_seen`` > 0 in the per-sample
+    table of ``checkpoint``'s sidecar): the evidence that a blocklist really kept samples out."""
+    table = SampleTable()
+    table.load(sidecar_path(checkpoint) / "table")
+    if not table.has_column("times_seen"):
+        raise SafeTrainError(f"{checkpoint}: its sample table has no times_seen (the run lacked --track-samples)")
+    return np.asarray(table.ids)[np.asarray(table["times_seen"]) > 0]
 
 
 @dataclass(frozen=True)
@@ -375,19 +465,32 @@ def _row_inputs(flags: list[str], train_file: Path, pretrained: Path | None, eva
             "pretrained_sha256": sha256(pretrained) if pretrained is not None else None}
 
 
+def _detect_flags(model: str, checkpoint: Path, train_data: list[str], manifest_path: Path, out_dir: Path,
+                  device: str, seed: int, budget: int | None) -> list[str]:
+    """``python -m safe_train.detect`` on the data a run trained on, with the detector's defaults (``auto``
+    detector and reference) and, with a budget, ``--blocklist-budget``."""
+    data = ["--train-data", flag_value(tuple(train_data), "--train-data") or "",
+            "--dataset-type", flag_value(tuple(train_data), "--dataset-type") or "csv"]
+    sized = ["--blocklist-budget", str(budget)] if budget is not None else []
+    return ["--model", model, "--checkpoint", str(checkpoint), *data, "--out", str(out_dir), "--manifest",
+            str(manifest_path), "--device", device, "--seed", str(seed), *sized]
+
+
 def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: SceneCorpus, split_dir: str,
              poisoned: Path, manifest: Manifest, params: dict[str, Any], label: str) -> dict[str, Any]:
     """Train (or reuse) one cell's run and evaluate its final checkpoint; returns its row."""
     out = Path(opts.out).resolve()
     split = {v: k for k, v in SPLIT_DIRS.items()}[split_dir]
-    entry = BENCH_ENTRIES[cell.defense]
+    entry = SCALED_ENTRIES[cell.defense]
     run_dir = out / "runs" / f"{spec.name}-{split_dir}-{cell.name}"
-    pretrained = None
-    if entry.finetunes:
+    pretrained = base_checkpoint = None
+    if entry.finetunes or entry.cleans:  # both start from the none run of this very cell
         base = out / "runs" / f"{spec.name}-{split_dir}-{replace(cell, defense='none').name}"
-        pretrained = base / "checkpoints" / f"epoch_{spec.epochs}.pt"
-        if not pretrained.exists():
-            raise SafeTrainError(f"{cell.defense} finetunes the none run's checkpoint {pretrained}, which is missing")
+        base_checkpoint = base / "checkpoints" / f"epoch_{spec.epochs}.pt"
+        if not base_checkpoint.exists():
+            raise SafeTrainError(f"{cell.defense} needs the none run's checkpoint {base_checkpoint}, which is missing")
+    if entry.finetunes:
+        pretrained = base_checkpoint
         train_file, n_finetune = _finetune_csv(corpus, spec.finetune_fraction, cell.seed)
         train_data = ["--train-data", str(train_file)]
         entry = scaled_to_split(entry, n_finetune)
@@ -396,15 +499,25 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
         epochs = int(flag_value(entry.flags, "--epochs") or spec.epochs)
     elif spec.train_format == "csv":
         train_file, epochs = poisoned / "train.csv", spec.epochs
-        train_data = ["--train-data", str(train_file)]
+        train_data = ["--train-data", str(train_file)]  # --dataset-type csv: the shared preset's
     else:
         train_file, epochs = poisoned / "manifest.json", spec.epochs
         train_data = ["--train-data", manifest.data, "--dataset-type", "webdataset", "--train-num-samples",
                       str(manifest.num_samples)]
+    detect_dir = run_dir / "detect"
+    budget = parse_clean_budget(getattr(opts, "clean_budget", None))
+    detect_flags: list[str] = []
+    if entry.cleans:  # the same training flags as the none row, less the blocklisted ids
+        entry = replace(entry, flags=(*entry.flags, "--blocklist", str(detect_dir / "blocklist.txt")))
+        detect_flags = _detect_flags(scene_model_name(spec.canvas), base_checkpoint, train_data,
+                                     poisoned / "manifest.json", detect_dir, spec.device, cell.seed,
+                                     budget_count(budget, manifest.num_samples))
     eval_csv = corpus.digits_csv[split_dir]
     flags = _train_flags(spec, entry, train_data, eval_csv, manifest, poisoned / "manifest.json", run_dir,
                          cell.seed, pretrained, [] if entry.finetunes else recipe_overrides(opts))
     inputs = _row_inputs(flags, train_file, pretrained, eval_csv)
+    if entry.cleans:  # the blocklist is a function of these (the detector is seeded): a new budget re-runs
+        inputs.update(detect_flags=detect_flags, detect_checkpoint_sha256=sha256(base_checkpoint))
     cell_file = out / "cells" / f"{run_dir.name}.json"
     if cell_file.exists() and not opts.force:
         saved = json.loads(cell_file.read_text())
@@ -413,21 +526,46 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
             return saved
         print(f"[{label}] {cell_file.name} was made with other flags or data: re-running it", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cleaning: dict[str, Any] = {}
+    if entry.cleans:
+        print(f"[{label}] detecting poisons in {manifest.num_samples} pairs with {base_checkpoint.parent.parent.name}",
+              flush=True)
+        detect_dir.mkdir(parents=True)  # OpenCLIP refuses a run folder only once it holds an out.log
+        detect_wall = run_training(detect_flags, opts.threads, label, run_dir.parent / f"{run_dir.name}.detect.log",
+                                   module="safe_train.detect")
+        report = json.loads((detect_dir / "report.json").read_text())
+        blocked = load_id_list(detect_dir / "blocklist.txt")
+        cleaning = {**cleaning_stats(blocked, manifest.poisoned_ids, manifest.num_samples),
+                    **detection_summary(report), "clean_budget": budget,
+                    "blocklist_budget": budget_count(budget, manifest.num_samples), "detect_seconds": detect_wall,
+                    "detect_dir": str(detect_dir)}
+        if report["blocklist"].get("poisoned") not in (None, cleaning["poisons_blocklisted"]):
+            raise SafeTrainError(f"{detect_dir}/report.json counts {report['blocklist']['poisoned']} poisons in the "
+                                 f"blocklist, the manifest {cleaning['poisons_blocklisted']}")
     what = (f"finetuning the poisoned none model on {train_file.name}" if entry.finetunes else
             f"training {epochs} epochs on {manifest.num_samples} pairs ({len(manifest.poisoned_ids)} poisoned)")
+    if entry.cleans:
+        what += (f" minus a blocklist of {cleaning['n_blocklisted']} ({cleaning['poisons_blocklisted']} poisoned, "
+                 f"{cleaning['clean_lost']} clean)")
     print(f"[{label}] {what}", flush=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     wall = run_training(flags, opts.threads, label, run_dir.parent / f"{run_dir.name}.log")
     checkpoint = run_dir / "checkpoints" / f"epoch_{epochs}.pt"
     if not checkpoint.exists():
         raise SafeTrainError(f"run {run_dir.name} wrote no final checkpoint {checkpoint}")
+    if entry.cleans:  # proof, not trust: no blocklisted id may have reached the loss
+        seen = trained_ids(checkpoint)
+        leaked = np.intersect1d(seen, load_id_list(detect_dir / "blocklist.txt"))
+        if len(leaked):
+            raise SafeTrainError(f"run {run_dir.name} trained on {len(leaked)} blocklisted ids, e.g. {leaked[:5]}")
+        cleaning.update(n_trained_ids=len(seen), blocklisted_trained=0)
     started = time.time()
     metrics = evaluate_run(scene_model_name(spec.canvas), checkpoint, corpus, split_dir, poisoned / "manifest.json",
                            spec.retrieval_pairs, spec.device)
     row = {"scale": spec.name, "split": split, "attack": cell.attack, "poison_rate": cell.rate,
            "defense": cell.defense, "seed": cell.seed, "params": params,
            "target": "per-target classes" if manifest.attack == "targeted" else TARGET,
-           "n_poisoned": len(manifest.poisoned_ids), "n_train": manifest.num_samples, **metrics,
+           "n_poisoned": len(manifest.poisoned_ids), "n_train": manifest.num_samples, **metrics, **cleaning,
            "wall_seconds": wall, "eval_seconds": time.time() - started, "run_dir": str(run_dir),
            "history": read_history(run_dir), "inputs": inputs}
     cell_file.parent.mkdir(parents=True, exist_ok=True)
@@ -436,8 +574,15 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
     tmp.replace(cell_file)  # a cell file is whole or absent: an interrupted run is simply re-run
     shown = ", ".join(f"{k} {_pct(row.get(k))}" for k in ("clean_top1", "asr", "asr_scenes", "retrieval_r1",
                                                           "targeted_success") if row.get(k) is not None)
+    if entry.cleans:
+        shown += (f"; blocklisted {row['n_blocklisted']} ({row['poisons_blocklisted']}/{row['n_poisoned']} poisons, "
+                  f"{row['clean_lost']} clean lost), AUROC {_num(row['detect_auroc'])}")
     print(f"[{label}] {shown}; {wall:.0f} s", flush=True)
     return row
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _pct(x: float | None) -> str:
@@ -465,10 +610,17 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     defenses = [d for d in opts.defenses.split(",") if d] if opts.defenses else list(SCALED_DEFENSES)
     seeds = [int(s) for s in opts.seeds.split(",") if s]
     rates = _rates(opts.poison_rates)
-    unknown = [a for a in attacks if a not in SCENE_ATTACKS] + [d for d in defenses if d not in BENCH_ENTRIES]
+    unknown = [a for a in attacks if a not in SCENE_ATTACKS] + [d for d in defenses if d not in SCALED_ENTRIES]
     if unknown:
         raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(SCENE_ATTACKS)}, "
-                          f"defenses: {sorted(BENCH_ENTRIES)}")
+                          f"defenses: {sorted(SCALED_ENTRIES)}")
+    cleaners = [d for d in defenses if SCALED_ENTRIES[d].cleans]
+    budget = parse_clean_budget(getattr(opts, "clean_budget", None))
+    if budget is not None:
+        if not cleaners:
+            raise ConfigError(f"--clean-budget sizes the blocklist of the cleaning rows: add one of "
+                              f"{', '.join(CLEANING_ENTRIES)} to --defenses")
+        budget_count(budget, spec.n_train)  # checked before anything trains
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--scale {spec.name} trains on CUDA and no GPU is visible; pass --device cpu to run "
                           "it on the CPU anyway")
@@ -477,15 +629,15 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
         missing = [r for r in wanted if not any(abs(r - p) < 1e-12 for p in rates)]
         if missing:
             raise ConfigError(f"--defense-rates {missing} are not among --poison-rates {rates}")
-    finetuners = [d for d in defenses if BENCH_ENTRIES[d].finetunes]
+    finetuners = [d for d in defenses if SCALED_ENTRIES[d].finetunes]
     if finetuners:
         n_finetune = max(1, round(spec.finetune_fraction * spec.n_train))
-        batch = int(flag_value(BENCH_ENTRIES[finetuners[0]].flags, "--batch-size") or 0)
+        batch = int(flag_value(SCALED_ENTRIES[finetuners[0]].flags, "--batch-size") or 0)
         if n_finetune < batch:
             raise ConfigError(f"{finetuners[0]} finetunes on {spec.finetune_fraction:.0%} of the training pairs, "
                               f"{n_finetune}, fewer than one batch ({batch}): raise --train-pairs to at least "
                               f"{round(batch / spec.finetune_fraction)}")
-    if any(needs_wordnet(BENCH_ENTRIES[d]) for d in defenses):
+    if any(needs_wordnet(SCALED_ENTRIES[d]) for d in defenses):
         ensure_wordnet_offline()
     overrides = parse_attack_params(opts.attack_param)
     out = Path(opts.out).resolve()
@@ -501,8 +653,9 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
                                     spec.train_format)
         return poisoned[key]
 
-    # none at every rate first: it is the baseline, the finetuning start, and it decides the defenses' rates
-    needs_none = "none" in defenses or any(BENCH_ENTRIES[d].finetunes for d in defenses)
+    # none at every rate first: it is the baseline, the finetuning start, the cleaning rows' detector, and it
+    # decides the defenses' rates
+    needs_none = "none" in defenses or bool(finetuners) or bool(cleaners)
     plan = [Cell(a, r, "none", s) for a in attacks for r in rates for s in seeds] if needs_none else []
     rows: list[dict[str, Any]] = []
     done = 0
@@ -531,16 +684,98 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
 
 def write_tables(rows: list[dict[str, Any]], folder: Path, scale: str, split: str, command: str | None) -> Path:
     """results.json / .csv / .md, runs.json (every seed's row) and the three plots of one scale and split."""
-    cells = aggregate(rows)
+    cells = add_cleaning(aggregate(rows), rows)
     learned = [lowest_learned_rate(cells, a, threshold=LEARNED_ASR)
                for a in dict.fromkeys(r["attack"] for r in rows) if any(c["defense"] == "none" for c in cells)]
     write_results(cells, folder, scale, split=split, learned=learned, command=command)
+    cleaning = format_cleaning(cells)
+    if cleaning:  # the main table's columns fit every row; the cleaning numbers get a table of their own
+        with open(folder / "results.md", "a") as f:
+            f.write("\n" + cleaning)
     (folder / "runs.json").write_text(json.dumps(rows, indent=1))
     if any(r.get("asr") is not None for r in rows):  # a targeted-only sweep has no ASR to plot
         plot_asr_vs_rate(cells, folder / "asr_vs_rate.png", threshold=LEARNED_ASR)
         plot_accuracy_vs_asr(rows, folder / "accuracy_vs_asr.png")
     plot_curves(rows, folder / "curves.png")
     return folder
+
+
+# Per-run numbers of a cleaning row, averaged over seeds like the table's metrics (counts, shares, detection).
+CLEANING_METRICS = ("n_blocklisted", "poisons_blocklisted", "poisons_blocklisted_share", "n_poisoned", "clean_lost",
+                    "clean_lost_share", "n_train_cleaned", "detect_auroc", "detect_pr_auc", "detect_fpr95",
+                    "detect_seconds")
+
+
+def _same_cell(row: dict[str, Any], cell: dict[str, Any]) -> bool:
+    return all(math.isclose(float(row[k]), float(cell[k]), rel_tol=1e-9) if k == "poison_rate" else row[k] == cell[k]
+               for k in CELL_KEYS)
+
+
+def add_cleaning(cells: list[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``cells`` with ``<metric>_mean / _se / _n`` of :data:`CLEANING_METRICS`, ``blocklist_rule`` and
+    ``clean_budget`` added to the cells of cleaning rows (other cells unchanged, so their JSON stays as it was)."""
+    for cell in cells:
+        members = [r for r in rows if "n_blocklisted" in r and _same_cell(r, cell)]
+        if not members:
+            continue
+        for metric in CLEANING_METRICS:
+            values = [r.get(metric) for r in members]
+            cell[f"{metric}_mean"], cell[f"{metric}_se"] = mean_se(values)
+            cell[f"{metric}_n"] = sum(v is not None and not math.isnan(float(v)) for v in values)
+        for name in ("blocklist_rule", "clean_budget"):
+            seen = {json.dumps(r.get(name)) for r in members}
+            cell[name] = members[0].get(name) if len(seen) == 1 else "differs per seed"
+    return cells
+
+
+def _pm(cell: dict[str, Any], metric: str, scale: float = 100.0, digits: int = 1, unit: str = "") -> str:
+    """``mean ± SE`` of a cell's metric (``—`` where undefined), multiplied by ``scale``."""
+    mean, se = cell.get(f"{metric}_mean"), cell.get(f"{metric}_se")
+    if mean is None or math.isnan(mean):
+        return "—"
+    spread = "—" if se is None or math.isnan(se) else f"{scale * se:.{digits}f}"
+    return f"{scale * mean:.{digits}f}{unit} ± {spread}"
+
+
+def _count(cell: dict[str, Any], metric: str) -> str:
+    """A count's mean over seeds: a whole number when it is one, else one decimal."""
+    mean = cell.get(f"{metric}_mean")
+    if mean is None or math.isnan(mean):
+        return "—"
+    return f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
+
+
+def format_cleaning(cells: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table of the cleaning rows (empty when there are none): blocklist size, poisons caught, clean
+    pairs lost and the detector's quality, mean ± SE over seeds."""
+    chosen = [c for c in cells if "n_blocklisted_mean" in c]
+    if not chosen:
+        return ""
+    attacks = list(dict.fromkeys(c["attack"] for c in cells))
+    chosen.sort(key=lambda c: (attacks.index(c["attack"]), float(c["poison_rate"]), c["defense"]))
+    lines = [
+        "## Cleaning: detect → blocklist → retrain `none`",
+        "",
+        "`python -m safe_train.detect` (its default `auto` detector and reference) scores the poisoned training set "
+        "with the final checkpoint of the cell's `none` run; `none` is then trained again from scratch without the "
+        "blocklisted ids (its clean top-1 and ASR are in the table above). Poisons caught: blocklisted poisons of "
+        "all poisons; clean lost: blocklisted clean pairs, and their share of all clean training pairs. Mean ± SE "
+        "over seeds. Detection time is per run, on top of the `none` run and the retraining (wall time above).",
+        "",
+        "| attack | poison rate | defense | seeds | blocklist | blocklisted | poisons caught | clean lost "
+        "| AUROC | PR-AUC | FPR@95 | detect time |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in chosen:
+        seconds = c.get("detect_seconds_mean")
+        lines.append(
+            f"| {c['attack']} | {100 * float(c['poison_rate']):.4g}% | {c['defense']} | {c.get('n_seeds', '—')} | "
+            f"{c.get('blocklist_rule', '—')} | {_count(c, 'n_blocklisted')} | {_count(c, 'poisons_blocklisted')} of "
+            f"{_count(c, 'n_poisoned')} ({_pm(c, 'poisons_blocklisted_share', unit='%')}) | "
+            f"{_count(c, 'clean_lost')} ({_pm(c, 'clean_lost_share', digits=2, unit='%')}) | "
+            f"{_pm(c, 'detect_auroc', 1.0, 3)} | {_pm(c, 'detect_pr_auc', 1.0, 3)} | {_pm(c, 'detect_fpr95', 1.0, 3)} | "
+            f"{'—' if seconds is None or math.isnan(seconds) else f'{seconds:.0f} s'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(opts: argparse.Namespace) -> int:

@@ -125,6 +125,55 @@ def clip_loss_to_keys(image: torch.Tensor, all_keys: torch.Tensor, logit_scale: 
     return clip_loss(image, local_keys, logit_scale, gather, all_image=all_image, all_text=keys)
 
 
+def _row_ce(logits: torch.Tensor, labels: torch.Tensor, key_keep: torch.Tensor | None) -> torch.Tensor:
+    """Per-row cross-entropy of ``logits`` against ``labels``; columns where ``key_keep`` is False are excluded
+    (a row's own label column always counts)."""
+    if key_keep is not None:
+        keep = key_keep.unsqueeze(0).expand_as(logits).clone()
+        keep[torch.arange(len(labels), device=logits.device), labels] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def split_batch_loss(image: torch.Tensor, text: torch.Tensor, image_view: torch.Tensor, text_view: torch.Tensor,
+                     risky: torch.Tensor, logit_scale: torch.Tensor,
+                     gather: GatherSpec = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+    """One batch holding both sides of a safe/risky split (SafeCLIP's in-loop mode).
+
+    ``image`` / ``text``: every row's raw pair; ``image_view`` / ``text_view``: an augmented view and caption,
+    read only in ``risky`` rows (others may hold anything finite). Safe rows take the CLIP loss among the safe
+    rows (risky columns masked); risky rows take the unimodal loss ``(CE(s·Ĩ·Iᵀ) + CE(s·T̃·Tᵀ)) / 2``, their view
+    as query against every row's raw embedding (more negatives than the risky rows alone). Returns the two
+    terms as sums over query rows divided by the number of query rows, so they add up to the batch mean of
+    every row's own loss: a row weighs the same whichever side it is on. All ranks' rows travel in one
+    all-gather (equal row counts: the views sit in their rows' places).
+    """
+    rows = len(image)
+    risky = risky.to(device=image.device, dtype=torch.bool)
+    if gather.world_size > 1:
+        flags = risky.to(image.dtype).unsqueeze(1)
+        all_image, all_text, all_image_view, all_text_view, all_flags = gather_many(
+            [image, text, image_view, text_view, flags], gather)
+        all_risky = all_flags.squeeze(1).detach() > 0.5
+    else:
+        all_image, all_text, all_image_view, all_text_view, all_risky = image, text, image_view, text_view, risky
+    if gather.world_size > 1 and gather.local_loss:  # queries: this rank's rows; keys: every rank's
+        q_image, q_text, q_image_view, q_text_view, q_risky = image, text, image_view, text_view, risky
+        labels = torch.arange(rows, device=image.device) + gather.rank * rows
+    else:  # queries: the global batch (every rank computes the global loss, as OpenCLIP without --local-loss)
+        q_image, q_text, q_image_view, q_text_view, q_risky = all_image, all_text, all_image_view, all_text_view, all_risky
+        labels = torch.arange(len(all_image), device=image.device)
+    safe_keys = ~all_risky
+    clip_rows = (_row_ce(logit_scale * q_image @ all_text.T, labels, safe_keys)
+                 + _row_ce(logit_scale * q_text @ all_image.T, labels, safe_keys)) / 2
+    uni_rows = (_row_ce(logit_scale * q_image_view @ all_image.T, labels, None)
+                + _row_ce(logit_scale * q_text_view @ all_text.T, labels, None)) / 2
+    n = len(labels)
+    zero = clip_rows.new_zeros(())
+    return {"clip_loss": torch.where(~q_risky, clip_rows, zero).sum() / n,
+            "unimodal_loss": torch.where(q_risky, uni_rows, zero).sum() / n}
+
+
 class FeatureBank:
     """FIFO bank of past (gathered) embeddings, for nearest-neighbour positives (NNCLR) or caption pools.
 

@@ -87,6 +87,14 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
                             "cleanclip finetunes on 5% of the training pairs, 50, fewer than one batch (64): "
                             "raise --train-pairs to at least 1280"),
                            (["--train-pairs", "0"], "--train-pairs must be positive"),
+                           (["--clean-budget", "5"], "--clean-budget sizes the blocklist of the cleaning rows: add "
+                                                     "one of none-cleaned to --defenses"),
+                           (["--defenses", "none-cleaned", "--clean-budget", "1.5"],
+                            "--clean-budget must be a whole count or a fraction in (0, 1)"),
+                           (["--defenses", "none-cleaned", "--clean-budget", "2000"],
+                            "--clean-budget 2000 blocklists 2000 of 2000 training pairs: it must leave some"),
+                           (["--scale", "small", "--defenses", "none-cleaned"],  # the small benchmark cannot clean
+                            "unknown attack/defense ['none-cleaned']"),
                            (["--scale", "small", "--poison-rates", "0.01"], "--poison-rates is a flag of the scaled "
                                                                            "benchmark")):
         try:
@@ -176,3 +184,160 @@ def test_tiny_sweep_trains_on_webdataset_shards(tmp_path):
     assert flags[flags.index("--train-num-samples") + 1] == "600" and run["n_poisoned"] == 12
     assert flags[flags.index("--train-data") + 1].endswith(".tar") and "train_manifest_sha256" in run["inputs"]
     assert 0.0 <= run["asr"] <= 1.0 and run["n_clean"] == 1000 and run["history"][-1]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------- cleaning end to end (none-cleaned)
+
+
+def test_cleaning_plumbing_on_hand_made_data(tmp_path):
+    """Blocklist file -> ids -> counts and shares; detect's report -> the row's detection fields; the per-sample
+    table -> the ids that were trained; rows -> cells with mean/SE and the Markdown table of the cleaning rows."""
+    import numpy as np
+
+    from safe_train.args import load_id_list
+    from safe_train.checkpoint import sidecar_path
+    from safe_train.state import SampleTable
+
+    # detect's blocklist.txt: a comment line, then one id per line (what --blocklist reads back)
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("# 5 sample ids flagged by auto (auto reference)\n3\n7\n11\n40\n41\n")
+    blocked = load_id_list(blocklist)
+    assert blocked.tolist() == [3, 7, 11, 40, 41]
+    stats = bench_scaled.cleaning_stats(blocked, poisoned_ids=[3, 7, 11, 12], n_train=100)
+    assert stats == {"n_blocklisted": 5, "poisons_blocklisted": 3, "n_poisoned": 4, "poisons_blocklisted_share": 0.75,
+                     "n_clean_train": 96, "clean_lost": 2, "clean_lost_share": 2 / 96, "n_train_cleaned": 95}
+    empty = bench_scaled.cleaning_stats(load_id_list(_write(tmp_path / "none.txt", "# 0 sample ids\n")), [3], 10)
+    assert empty["n_blocklisted"] == empty["clean_lost"] == 0 and empty["n_train_cleaned"] == 10
+    with pytest.raises(bench_scaled.SafeTrainError, match="more than the 3 training pairs"):
+        bench_scaled.cleaning_stats(blocked, [3], 3)
+
+    report = {"detectors": ["auto"], "num_samples": 100, "reference_size": 100,
+              "metrics": {"auto": {"auroc": 0.99, "pr_auc": 0.8, "fpr95": 0.02}},
+              "blocklist": {"count": 5, "threshold": 3.0349, "budget": None, "poisoned": 3}}
+    summary = bench_scaled.detection_summary(report)
+    assert summary["detect_auroc"] == 0.99 and summary["detect_pr_auc"] == 0.8 and summary["detect_fpr95"] == 0.02
+    assert summary["blocklist_rule"] == "score > 3.035" and summary["detect_num_samples"] == 100
+    budgeted = bench_scaled.detection_summary({**report, "metrics": {}, "blocklist": {"threshold": None, "budget": 5}})
+    assert budgeted["blocklist_rule"] == "budget 5" and budgeted["detect_auroc"] is None
+
+    # --clean-budget: a count, a share of the training pairs, or the detector's rule
+    assert bench_scaled.parse_clean_budget(None) is None and bench_scaled.parse_clean_budget("40") == 40
+    assert bench_scaled.parse_clean_budget("0.02") == 0.02
+    assert bench_scaled.budget_count(0.02, 2000) == 40 and bench_scaled.budget_count(40, 2000) == 40
+    assert bench_scaled.budget_count(None, 2000) is None
+    for bad in ("1.5", "x", "-0.1"):
+        with pytest.raises(ConfigError, match="--clean-budget"):
+            bench_scaled.parse_clean_budget(bad)
+    with pytest.raises(ConfigError, match="must leave some to train on"):
+        bench_scaled.budget_count(2000, 2000)
+
+    # a --track-samples run's table: ids with times_seen > 0 are the trained ones
+    checkpoint = tmp_path / "checkpoints" / "epoch_1.pt"
+    table = SampleTable()
+    table.register(np.arange(10))
+    table.add_column("times_seen", np.int32, 0)
+    table.set("times_seen", [0, 1, 2, 5, 9], 1)
+    table.save(sidecar_path(checkpoint) / "table")
+    assert bench_scaled.trained_ids(checkpoint).tolist() == [0, 1, 2, 5, 9]
+
+    rows = [{"scale": "tiny", "attack": "badnets", "poison_rate": 0.01, "defense": d, "seed": s, "clean_top1": 0.5,
+             "asr": 0.1, "retrieval_r1": 0.2, "targeted_success": None, "wall_seconds": 10.0,
+             **({**bench_scaled.cleaning_stats(np.array(ids), [1, 2, 3, 4], 400), **summary, "clean_budget": None,
+                 "detect_seconds": 6.0} if d == "none-cleaned" else {})}
+            for s, ids in ((0, [1, 2, 3, 4, 50]), (1, [1, 2, 3, 60, 61])) for d in ("none", "none-cleaned")]
+    cells = bench_scaled.add_cleaning(bench_scaled.aggregate(rows), rows)
+    by = {c["defense"]: c for c in cells}
+    assert "n_blocklisted_mean" not in by["none"]  # other rows keep their fields
+    cleaned = by["none-cleaned"]
+    assert cleaned["n_blocklisted_mean"] == 5 and cleaned["poisons_blocklisted_mean"] == 3.5
+    assert cleaned["poisons_blocklisted_share_mean"] == 0.875 and cleaned["clean_lost_mean"] == 1.5
+    assert math.isclose(cleaned["clean_lost_share_mean"], 1.5 / 396) and cleaned["detect_auroc_n"] == 2
+    assert cleaned["blocklist_rule"] == "score > 3.035" and cleaned["clean_budget"] is None
+    table_md = bench_scaled.format_cleaning(cells)
+    assert "| badnets | 1% | none-cleaned | 2 | score > 3.035 | 5 | 3.5 of 4 (87.5% ± 12.5) | 1.5 (0.38% ± 0.13) |" \
+        in table_md, table_md
+    assert bench_scaled.format_cleaning(bench_scaled.aggregate(rows[::2])) == ""  # no cleaning row, no table
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow  # ~4 min per format on 2 shared cores: a none run, the detector, the retraining, evaluations
+@needs_mnist
+@pytest.mark.parametrize("train_format", ["csv", "wds"])
+def test_none_cleaned_trains_without_exactly_the_blocklist(tmp_path, train_format):
+    """none-cleaned alone: none is trained first (not a row), detect writes a budgeted blocklist into the cell's run
+    folder, and the retraining (the none row's flags plus --blocklist) never trains a blocklisted id, and trains on
+    the N - |blocklist| others; the row and the table carry the cleaning numbers; a new budget re-runs that cell."""
+    import re
+    import tarfile
+
+    import numpy as np
+
+    from safe_train.args import load_id_list
+    from safe_train.sample_ids import webdataset_sample_id
+
+    cmd = [sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path), "--attacks", "badnets",
+           "--defenses", "none-cleaned", "--poison-rates", "0.02", "--train-pairs", "600", "--train-format",
+           train_format, "--clean-budget", "30", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = tmp_path / "results" / "tiny-test"
+    (cell,) = json.loads((folder / "results.json").read_text())["rows"]  # the none run is not a row
+    assert cell["defense"] == "none-cleaned" and cell["n_blocklisted_mean"] == 30 and cell["blocklist_rule"] == "budget 30"
+    (row,) = json.loads((folder / "runs.json").read_text())
+    assert row["n_train"] == 600 and row["n_poisoned"] == 12 and row["n_blocklisted"] == 30
+    assert row["poisons_blocklisted"] + row["clean_lost"] == 30 and row["n_train_cleaned"] == 570
+    assert math.isclose(row["clean_lost_share"], row["clean_lost"] / 588)
+    assert math.isclose(row["poisons_blocklisted_share"], row["poisons_blocklisted"] / 12)
+    assert 0 <= row["detect_auroc"] <= 1 and 0 <= row["detect_pr_auc"] <= 1 and 0 <= row["detect_fpr95"] <= 1
+    assert row["detect_seconds"] > 0 and row["blocklisted_trained"] == 0 and 0 <= row["clean_top1"] <= 1
+
+    # the detector ran with its defaults on the none run's checkpoint and training data; the retraining is the none
+    # row's command plus the blocklist (and --track-samples, which only counts)
+    detect_flags = row["inputs"]["detect_flags"]
+    none_cell = json.loads((tmp_path / "cells" / "tiny-test-badnets-rate0.02-none-seed0.json").read_text())
+    none_flags = none_cell["inputs"]["flags"]
+    assert detect_flags[detect_flags.index("--checkpoint") + 1].endswith(
+        "tiny-test-badnets-rate0.02-none-seed0/checkpoints/epoch_1.pt")
+    assert detect_flags[detect_flags.index("--train-data") + 1] == none_flags[none_flags.index("--train-data") + 1]
+    assert "--detectors" not in detect_flags and "--reference" not in detect_flags
+    assert detect_flags[detect_flags.index("--blocklist-budget") + 1] == "30"
+    run_dir = tmp_path / "runs" / "tiny-test-badnets-rate0.02-none-cleaned-seed0"
+    blocklist = run_dir / "detect" / "blocklist.txt"
+    named = [run_dir.name if f == "tiny-test-badnets-rate0.02-none-seed0" else f for f in none_flags]
+    assert row["inputs"]["flags"] == [*named, "--track-samples", "--blocklist", str(blocklist)]
+    report = json.loads((run_dir / "detect" / "report.json").read_text())
+    assert report["detectors"] == ["auto"] and report["reference"] == "auto" and report["num_samples"] == 600
+
+    # exactly the blocklisted ids are left out: the per-sample table of the run says which ids reached the loss
+    blocked = load_id_list(blocklist)
+    assert len(blocked) == 30
+    seen = bench_scaled.trained_ids(run_dir / "checkpoints" / "epoch_1.pt")
+    if train_format == "csv":
+        everything = np.arange(600)
+        log = (tmp_path / "runs" / f"{run_dir.name}.log").read_text()
+        assert set(re.findall(r"Train Epoch: 0 \[\s*\d+/(\d+) ", log)) == {"570"}  # the epoch is N - |blocklist|
+        assert len(seen) == 570 // 256 * 256  # the sampler drops the last partial batch, as OpenCLIP does
+    else:
+        shards = sorted((tmp_path / "poisoned").glob("*-wds/*.tar"))
+        everything = np.array(sorted(webdataset_sample_id(str(s), m.name.rsplit(".", 1)[0])
+                                     for s in shards for m in tarfile.open(s).getmembers() if m.name.endswith(".txt")))
+        assert len(everything) == 600
+        assert np.array_equal(seen, np.setdiff1d(everything, blocked))  # every other id, once read
+    assert np.isin(blocked, everything).all() and not np.isin(seen, blocked).any()
+    assert np.isin(seen, np.setdiff1d(everything, blocked)).all()
+
+    md = (folder / "results.md").read_text()
+    assert "## Cleaning: detect → blocklist → retrain `none`" in md
+    assert "| badnets | 2% | none-cleaned | 1 | budget 30 | 30 |" in md
+
+    if train_format == "csv":  # another budget is another blocklist: that cell alone re-runs
+        again = subprocess.run([*cmd[:-4], "--clean-budget", "0.01", "--threads", "1"], cwd=REPO, env=base_env(),
+                               capture_output=True, text=True, timeout=1200)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert again.stdout.count("reusing") == 1 and "none-cleaned-seed0.json was made with other flags" in again.stdout
+        (row,) = json.loads((folder / "runs.json").read_text())
+        assert row["n_blocklisted"] == 6 and row["clean_budget"] == 0.01 and row["blocklist_rule"] == "budget 6"

@@ -30,7 +30,8 @@ PACKAGE_DIR = str(Path(safe_train.__file__).resolve().parent)
 CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
 LOG_EVERY = 1000  # only each pass's first and last step log
 SAFECLIP = ["--defense", "safeclip", "--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-warmup-epochs",
-            "1", "--safeclip-memory-bank", "16", "--safeclip-similarity", "inloop", "--record-similarity"]
+            "1", "--safeclip-memory-bank", "16", "--safeclip-similarity", "inloop", "--safeclip-safe-input", "raw",
+            "--safeclip-window-samples", "16", "--record-similarity"]
 
 
 class ConversionCounter:
@@ -104,13 +105,14 @@ def test_no_host_sync_on_steps_that_do_not_log(csv_64, tmp_path, monkeypatch):
                      for bank in defense.banks.values())
 
     monkeypatch.setattr(SafeClip, "on_step_end", on_step_end)
-    flags = train_flags(csv_64, tmp_path, "nosync", epochs=2, batch_size=8, workers=1, extra=SAFECLIP)
+    flags = train_flags(csv_64, tmp_path, "nosync", epochs=3, batch_size=8, workers=1, extra=SAFECLIP)
     flags[flags.index("--log-every-n-steps") + 1] = str(LOG_EVERY)
     assert run_safe_train(flags) == 0
 
-    assert len(counter.log_due) == 16  # 2 epochs x 8 steps
+    assert len(counter.log_due) == 24  # 3 epochs (unimodal, multimodal, one in-loop split epoch) x 8 steps
+    assert {name for _, name, _ in counter.log_due} == {"unimodal", "multimodal", "split"}
     quiet = [key for key, due in counter.log_due.items() if not due]
-    assert len(quiet) == 12  # the first and the last step of each epoch log
+    assert len(quiet) == 18  # the first and the last step of each epoch log
     syncs = {key: counter.where[key] for key in quiet if counter.counts[key]}
     assert not syncs, f"host conversions on steps that do not log: {syncs}"
     assert all(counter.counts[key] > 0 for key, due in counter.log_due.items() if due)  # the counter sees them
@@ -120,7 +122,7 @@ def test_no_host_sync_on_steps_that_do_not_log(csv_64, tmp_path, monkeypatch):
     log = (tmp_path / "nosync" / "out.log").read_text()
     assert re.search(r"Epoch 0 safe-train: .*safeclip_bank_rejected_rows: 1\b", log)
     assert re.search(r"Epoch 1 safe-train: .*safeclip_bank_rejected_rows: 0\b", log)
-    table = load_table(tmp_path / "nosync", 2)  # buffered similarities reached the table at the epoch end
+    table = load_table(tmp_path / "nosync", 3)  # buffered similarities reached the table at the epoch end
     assert np.isfinite(table["similarity"]).sum() >= 56 and np.isfinite(table["train_similarity"]).sum() >= 56
 
 

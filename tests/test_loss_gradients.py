@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from safe_train.defenses.cleanclip import cleanclip_losses
 from safe_train.defenses.safeclip import multimodal_loss, unimodal_loss
-from safe_train.losses import GatherSpec, clip_loss
+from safe_train.losses import GatherSpec, clip_loss, split_batch_loss
 
 WORLD = 2
 ROWS = 3  # rows per rank
@@ -40,7 +40,10 @@ TERM_INPUTS = {
     "safeclip_multimodal": ("image1", "image2", "text1", "text2"),
     "safeclip_clip": ("image1", "text2"),
     "cleanclip": ("image", "text", "image_aug", "text_aug"),
+    "safeclip_split": ("image", "text", "image_view", "text_view"),
 }
+# SafeCLIP's in-loop batches: which global rows are risky (each rank holds both kinds)
+RISKY = torch.tensor([False, True, False, True, False, False])
 
 
 def _combo_key(local_loss: bool, gather_with_grad: bool) -> str:
@@ -67,6 +70,9 @@ def _project_losses(term: str, x: dict[str, torch.Tensor], scale: torch.Tensor,
         return {"multimodal_loss": multimodal_loss(x["image1"], x["image2"], x["text1"], x["text2"], scale, gather)}
     if term == "safeclip_clip":
         return {"clip_loss": clip_loss(x["image1"], x["text2"], scale, gather)}
+    if term == "safeclip_split":
+        risky = RISKY[_rank_rows(gather.rank)]
+        return split_batch_loss(x["image"], x["text"], x["image_view"], x["text_view"], risky, scale, gather)
     return cleanclip_losses(x["image"], x["text"], x["image_aug"], x["text_aug"], scale, CLIP_WEIGHT, SS_WEIGHT,
                             gather=gather)
 
@@ -135,6 +141,20 @@ def _reference_losses(term: str, x: dict[str, torch.Tensor], scale: torch.Tensor
         return {"multimodal_loss": (clip("image1", "text2") + clip("image2", "text1")) / 2}
     if term == "safeclip_clip":
         return {"clip_loss": clip("image1", "text2")}
+    if term == "safeclip_split":  # per row, each term summed over its query rows, divided by all query rows
+        clip_total, uni_total = torch.zeros(()), torch.zeros(())
+        keep = (~RISKY).nonzero().squeeze(1)  # the CLIP term's columns: the safe rows
+        for i in range(rows.start, rows.stop):
+            if RISKY[i]:  # the view against every row's raw embedding
+                uni_total = uni_total + (_ce(x["image_view"], x["image"], scale, slice(i, i + 1))
+                                         + _ce(x["text_view"], x["text"], scale, slice(i, i + 1))) / 2
+            else:
+                at = torch.tensor([int((keep == i).nonzero())])
+                clip_total = clip_total + (
+                    F.cross_entropy(scale * x["image"][i:i + 1] @ x["text"][keep].T, at)
+                    + F.cross_entropy(scale * x["text"][i:i + 1] @ x["image"][keep].T, at)) / 2
+        n = rows.stop - rows.start
+        return {"clip_loss": clip_total / n, "unimodal_loss": uni_total / n}
     return {"clip_loss": CLIP_WEIGHT * clip("image", "text"),  # image_aug/text_aug are only ever keys
             "ss_loss": SS_WEIGHT * (ce("image", "image_aug") + ce("text", "text_aug")) / 2}
 
@@ -190,6 +210,11 @@ def test_safeclip_clip_term_gradients_on_two_ranks_equal_one_process(two_ranks):
 def test_cleanclip_clip_and_ss_gradients_reach_augmented_views_as_in_one_process(two_ranks):
     # image_aug/text_aug are keys only in L_SS
     _assert_two_ranks_match_single_process("cleanclip", two_ranks)
+
+
+def test_safeclip_inloop_split_batch_gradients_on_two_ranks_equal_one_process(two_ranks):
+    # safe rows: CLIP among the safe rows; risky rows: their views against every raw row; views are keys nowhere
+    _assert_two_ranks_match_single_process("safeclip_split", two_ranks)
 
 
 def test_every_term_gathers_its_features_in_one_collective(two_ranks):

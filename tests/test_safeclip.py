@@ -94,7 +94,7 @@ def test_safe_set_grows_as_specified():
 
 def test_inloop_mode_plans_no_inference_pass():
     defense = _defense("--safeclip-unimodal-warmup-epochs", "1", "--safeclip-multimodal-warmup-epochs", "1",
-                       "--safeclip-similarity", "inloop")
+                       "--safeclip-similarity", "inloop", "--safeclip-safe-input", "raw")
     ctx = _fake_ctx(10)
     assert all(p.train for epoch in (0, 1) for p in defense.plan_epoch(ctx, epoch))
 
@@ -260,13 +260,15 @@ def test_raw_safe_input_trains_the_pairs_themselves(csv_64, tmp_path, monkeypatc
 
 @pytest.mark.usefixtures("wordnet")
 def test_inloop_similarity_on_webdataset(wds_4x16, tmp_path):
-    flags = WARMUP + ["--safeclip-similarity", "inloop", "--train-num-samples", "64"]
+    flags = WARMUP + ["--safeclip-similarity", "inloop", "--safeclip-safe-input", "raw", "--train-num-samples", "64"]
     assert run_safe_train(train_flags(wds_4x16, tmp_path, "wds", epochs=3, batch_size=16, dataset_type="webdataset",
                                       extra=flags)) == 0
     splits = _splits(tmp_path / "wds")
     assert [s["epoch"] for s in splits] == [2] and splits[0]["num_samples"] == 64
     log = (tmp_path / "wds" / "out.log").read_text()
-    assert "[similarity] inference" not in log and ("[risky]" in log or "[safe]" in log)
+    assert "[similarity] inference" not in log and "[split]" in log
+    table = load_table(tmp_path / "wds", 3)  # every streamed sample measured in the multimodal warmup
+    assert np.isfinite(table["similarity"]).sum() == 64 and (table["similarity_window"] >= 0).sum() == 64
 
 
 @pytest.mark.usefixtures("wordnet")

@@ -6,11 +6,23 @@ Poisoned pairs have a low image-caption similarity under a model that has not le
    (``L_uni`` below) on all data;
 2. multimodal warmup (``--safeclip-multimodal-warmup-epochs``, default 1): the CLIP loss on all data
    at a small constant learning rate (``--safeclip-multimodal-lr``, default 5e-6);
-3. every later epoch: the image-caption similarity of every sample (a similarity pass in eval mode, or
-   in-loop: the value its last training step computed), a 2-component 1-D Gaussian mixture, a safe
-   set (the most probable members of the high-similarity component; the safe ratio grows by 0.01
-   per epoch up to 0.85), then a pass of ``L_uni`` over the risky set and a pass of the CLIP loss over
-   the safe set.
+3. every later epoch: the image-caption similarity of every sample, a 2-component 1-D Gaussian mixture,
+   a safe set (the most probable members of the high-similarity component; the safe ratio grows by 0.01
+   per epoch up to 0.85), then ``L_uni`` on the risky set and the CLIP loss on the safe set.
+
+Two ways to get the similarities (``--safeclip-similarity``):
+
+- ``pass`` (the original): an inference pass over all samples before each split, then a pass of ``L_uni``
+  over the risky set and a pass of the CLIP loss over the safe set;
+- ``inloop`` (no extra pass; needs ``--safeclip-safe-input raw``): one training pass over all samples whose
+  batches mix both sides (:func:`safe_train.losses.split_batch_loss`). Every row's raw pair goes through
+  the model, safe rows take the CLIP loss among the safe rows, risky rows the unimodal loss of an augmented
+  view against the raw embeddings. Each sample's similarity is its raw pair's cosine in that forward,
+  before the update, so safe and risky samples are measured by the same model at the same moment. The
+  model drifts during the epoch, so similarities are standardised within windows of steps
+  (``--safeclip-window-samples``): every window is a uniform random draw of the data with the same
+  safe/risky mix, so this removes the drift and keeps the ranking between samples. The multimodal
+  warmup measures the same way for the first split.
 
 Each sample yields two SimCLR views ``x1, x2`` and two EDA captions ``c1, c2`` (fixed per sample id).
 With ``I1, I2, T1, T2`` their normalised embeddings and ``s`` the model's one logit scale::
@@ -50,17 +62,26 @@ import torch.nn.functional as F
 
 from safe_train import dist
 from safe_train import openclip as oc
-from safe_train.augment import EdaAugmenter, simclr_view
+from safe_train.augment import EdaAugmenter, SharedEpoch, private_global_rngs, simclr_view, stable_seed
 from safe_train.errors import ConfigError
 from safe_train.flags import FlagConfig, option
 from safe_train.interface import Defense, Selection, StepOutput, TrainContext, TrainPass
-from safe_train.losses import SINGLE_PROCESS, FeatureBank, GatherSpec, clip_loss, contrastive_ce, gather_many
+from safe_train.losses import (
+    SINGLE_PROCESS,
+    FeatureBank,
+    GatherSpec,
+    clip_loss,
+    contrastive_ce,
+    gather_many,
+    split_batch_loss,
+)
 from safe_train.manifest import Manifest
 from safe_train.registry import DEFENSES
 from safe_train.state import DeviceRows
 from safe_train.wordnet import ensure_wordnet
 
 SIMILARITY_MODES = ("pass", "inloop")
+MIXED_OUTPUTS = ("raw_image", "raw_text", "image_view2", "text_view2")  # the in-loop split pass's batch
 SAFE_INPUTS = ("views", "raw")
 # (image, text) batch keys of the passes whose forward is one pair: the transform makes only these and
 # forward encodes exactly these (the multimodal warmup on views and the unimodal passes use all four views)
@@ -71,11 +92,17 @@ PASS_OUTPUTS = {"clip": ("image", "text_view2"), "clip_raw": ("raw_image", "raw_
 class SafeClipTransform:
     """(PIL image, caption, sample id) → two SimCLR views and two EDA captions of one sample.
 
-    Picklable (data-loader workers). The views are redrawn every time the sample is read; the captions
-    are fixed per sample id for the whole run (the original computed them once). ``outputs`` restricts
+    Picklable (data-loader workers). The views are drawn afresh every epoch, each seeded by (``seed``, epoch,
+    sample id, view) through :func:`~safe_train.augment.private_global_rngs`, so a sample's tensors do not
+    depend on which process or worker makes them: identical runs train on identical batches with any
+    ``--workers`` (the loader sets the epoch, :meth:`set_epoch`). The captions are fixed per sample id for
+    the whole run (the original computed them once). ``outputs`` restricts
     what is made to the keys a pass reads (the safe pass needs one view and one caption, not two).
     ``raw_image`` / ``raw_text`` are the pair itself, the image through ``raw_preprocess`` (OpenCLIP's
     training preprocessing), for ``--safeclip-safe-input raw``; they are made only when asked for.
+    ``view_ids`` (sorted sample ids, the in-loop split pass's risky set): the views are made only for those
+    samples; the others get zero placeholders (a view costs about a millisecond of CPU per sample), and
+    every sample gets ``has_view``.
     """
 
     OUTPUTS = ("image", "image_view2", "text", "text_view2")
@@ -90,6 +117,16 @@ class SafeClipTransform:
         self.tokenizer = tokenizer
         self.view = simclr_view(image_size, crop_scale=(crop_min_scale, 1.0))
         self.eda = EdaAugmenter(alpha=eda_alpha, seed=seed)
+        self.seed = seed
+        self.epoch = SharedEpoch()  # shared by every restricted copy (a shallow copy keeps the same value)
+        self.view_ids: np.ndarray | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def image_seed(self, sample_id: int, view: int) -> int:
+        """The seed of one image of one sample in the current epoch (0, 1: the views; 2: the raw image)."""
+        return stable_seed("safeclip-image", self.seed, self.epoch.get(), int(sample_id), view)
 
     @classmethod
     def _checked(cls, outputs: tuple[str, ...]) -> tuple[str, ...]:
@@ -98,28 +135,49 @@ class SafeClipTransform:
             raise ValueError(f"SafeClipTransform outputs must be a non-empty subset of {known}, got {outputs}")
         return tuple(outputs)
 
-    def restricted(self, outputs: tuple[str, ...], raw_preprocess: Callable | None = None) -> SafeClipTransform:
-        """The same transform making only ``outputs`` (the raw image through ``raw_preprocess`` if given)."""
+    def restricted(self, outputs: tuple[str, ...], raw_preprocess: Callable | None = None,
+                   view_ids: np.ndarray | None = None) -> SafeClipTransform:
+        """The same transform making only ``outputs`` (the raw image through ``raw_preprocess`` if given; views
+        only for ``view_ids`` if given)."""
         other = copy.copy(self)
         other.outputs = self._checked(outputs)
         if raw_preprocess is not None:
             other.raw_preprocess = raw_preprocess
+        other.view_ids = None if view_ids is None else np.asarray(view_ids, dtype=np.int64)
         return other
+
+    def _makes_views(self, sample_id: int) -> bool:
+        if self.view_ids is None:
+            return True
+        at = int(np.searchsorted(self.view_ids, sample_id))
+        return at < len(self.view_ids) and int(self.view_ids[at]) == sample_id
 
     def __call__(self, image: Any, caption: str, sample_id: int) -> dict[str, torch.Tensor]:
         image = image.convert("RGB")
-        text_keys = [key for key in ("text", "text_view2") if key in self.outputs]
+        views = self._makes_views(sample_id)
         out: dict[str, torch.Tensor] = {}
-        if text_keys:
-            captions = [self.eda(caption, sample_id, view=0 if key == "text" else 1) for key in text_keys]
-            out.update(zip(text_keys, self.tokenizer(captions), strict=True))
-        for key in ("image", "image_view2"):
-            if key in self.outputs:
-                out[key] = self.preprocess(self.view(image))
-        if "raw_image" in self.outputs:
-            out["raw_image"] = self.raw_preprocess(image)
+        with private_global_rngs() as seed_all:
+            if "raw_image" in self.outputs:
+                seed_all(self.image_seed(sample_id, 2))
+                out["raw_image"] = self.raw_preprocess(image)
+            for view, key in enumerate(("image", "image_view2")):
+                if key in self.outputs and views:
+                    seed_all(self.image_seed(sample_id, view))
+                    out[key] = self.preprocess(self.view(image))
         if "raw_text" in self.outputs:
             out["raw_text"] = self.tokenizer([caption])[0]
+        text_keys = [key for key in ("text", "text_view2") if key in self.outputs]
+        if text_keys and views:
+            captions = [self.eda(caption, sample_id, view=0 if key == "text" else 1) for key in text_keys]
+            out.update(zip(text_keys, self.tokenizer(captions), strict=True))
+        if self.view_ids is not None:
+            if not views:  # placeholders of the right shapes (the batch is collated); never read
+                for key in text_keys:
+                    out[key] = torch.zeros_like(out["raw_text"])
+                for key in ("image", "image_view2"):
+                    if key in self.outputs:
+                        out[key] = torch.zeros_like(out["raw_image"])
+            out["has_view"] = torch.tensor(views)
         return out
 
 
@@ -151,6 +209,40 @@ def fit_similarity_mixture(similarity: np.ndarray, max_fit_samples: int = 1_000_
         "weights": [float(gmm.weights_[i]) for i in order],
     }
     return posterior, params
+
+
+def standardize_by_window(values: np.ndarray, windows: np.ndarray, min_count: int = 2) -> np.ndarray:
+    """``values`` z-scored within each window (``windows``: the window index of each value, -1 = none).
+
+    In-loop similarities are measured while the model changes; each window of steps is a uniform random
+    draw of the data, so its mean and spread follow the model's drift while the order within it is the
+    samples' own. A window with fewer than ``min_count`` finite values (the epoch's last, partial one) is
+    merged into the one before it. Values without a window, or not finite, come back NaN. Pure function.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    windows = np.asarray(windows, dtype=np.int64)
+    out = np.full(len(values), np.nan, dtype=np.float32)
+    valid = np.isfinite(values) & (windows >= 0)
+    if not valid.any():
+        return out
+    present, inverse, counts = np.unique(windows[valid], return_inverse=True, return_counts=True)
+    merged = np.zeros(len(present), dtype=np.int64)  # consecutive windows form a group of >= min_count values
+    group_id, filled = 0, 0
+    for i, count in enumerate(counts):
+        if filled >= min_count:
+            group_id, filled = group_id + 1, 0
+        merged[i], filled = group_id, filled + int(count)
+    if filled < min_count and group_id > 0:  # a short last group joins the one before it
+        merged[merged == group_id] = group_id - 1
+    group = merged[inverse]
+    v = values[valid]
+    n = np.bincount(group, minlength=len(present)).astype(np.float64)
+    mean = np.bincount(group, weights=v, minlength=len(present)) / np.maximum(n, 1)
+    var = np.bincount(group, weights=(v - mean[group]) ** 2, minlength=len(present)) / np.maximum(n, 1)
+    std = np.sqrt(var)
+    std[~(std > 0)] = 1.0
+    out[valid] = ((v - mean[group]) / std[group]).astype(np.float32)
+    return out
 
 
 def choose_safe(posterior: np.ndarray, ratio: float | None, threshold: float) -> np.ndarray:
@@ -217,8 +309,13 @@ class SafeClipConfig(FlagConfig):
     ratio_step: float = option(0.01, "Safe-set ratio added every later epoch.")
     max_ratio: float = option(0.85, "Upper bound of the safe-set ratio.")
     similarity: str = option("pass", "pass: an inference pass over all samples before each split (the original); "
-                             "inloop: the similarity each sample's last training step computed (no extra pass).",
+                             "inloop: no extra pass: one training pass whose batches mix safe rows (CLIP loss) and "
+                             "risky rows (unimodal loss), each row's raw-pair similarity taken in that forward before "
+                             "the update and standardised within windows of steps (needs --safeclip-safe-input raw).",
                              choices=SIMILARITY_MODES)
+    window_samples: int = option(2048, "In-loop similarities: standardise them within windows of at least this many "
+                                 "samples (whole steps of the global batch), which removes the model's drift within "
+                                 "an epoch.", metavar="N")
     safe_input: str = option("views", "What the CLIP side works on: views (the original: the multimodal warmup and "
                              "the safe pass train SimCLR views with EDA captions, the similarity pass measures view 1 "
                              "with caption 1) or raw (all three use the pair itself, as --defense none; the unimodal "
@@ -248,6 +345,11 @@ class SafeClipConfig(FlagConfig):
             problems.append("--safeclip-crop-min-scale must be in (0, 1]")
         if self.memory_bank < 0 or self.gmm_fit_samples < 2:
             problems.append("--safeclip-memory-bank must be >= 0 and --safeclip-gmm-fit-samples >= 2")
+        if self.similarity == "inloop" and self.safe_input != "raw":
+            problems.append("--safeclip-similarity inloop measures and trains the raw pairs: it needs "
+                            "--safeclip-safe-input raw")
+        if self.window_samples < 1:
+            problems.append("--safeclip-window-samples must be >= 1")
         if self.similarity not in SIMILARITY_MODES or self.safe_input not in SAFE_INPUTS:
             problems.append(f"--safeclip-similarity must be one of {SIMILARITY_MODES} and --safeclip-safe-input "
                             f"one of {SAFE_INPUTS}")
@@ -305,10 +407,14 @@ class SafeClip(Defense):
             raise ConfigError("--defense safeclip trains a CLIP contrastive loss: --distill, --siglip and CoCa "
                               "losses are not supported with it")
         ctx.table.add_column("similarity", np.float32, np.nan)
+        if self.similarity_mode == "inloop":  # the window of steps each similarity was measured in
+            ctx.table.add_column("similarity_window", np.int32, -1)
         ctx.table.add_column("safe_posterior", np.float32, np.nan)
         ctx.table.add_column("safe", bool, False)
         self._seed = int(getattr(ctx.args, "seed", 0))
         self._gather = GatherSpec.from_args(ctx.args)
+        global_batch = int(getattr(args, "batch_size", 1)) * int(getattr(args, "world_size", 1))
+        self._window_steps = max(1, math.ceil(self.config.window_samples / max(global_batch, 1)))
         self._device = torch.device(ctx.device)
 
     def sample_transform(self, ctx: TrainContext) -> SafeClipTransform:
@@ -321,11 +427,15 @@ class SafeClip(Defense):
         """The safe (CLIP) pass reads view 1 and caption 2, the similarity pass view 1 and caption 1; with
         ``--safeclip-safe-input raw`` both read the raw pair (the similarity pass through the eval preprocessing)."""
         kind = self._forward_kind(pass_)
+        if self._transform is None:
+            self._transform = self.sample_transform(ctx)
+        if kind == "mixed":  # views only for the risky samples
+            table = ctx.table
+            risky_ids = np.sort(table.ids[~table["safe"].astype(bool)])
+            return self._transform.restricted(MIXED_OUTPUTS, view_ids=risky_ids)
         needs = PASS_OUTPUTS.get(kind)
         if needs is None:
             return None
-        if self._transform is None:
-            self._transform = self.sample_transform(ctx)
         return self._transform.restricted(needs, self._transform.preprocess if kind == "similarity_raw" else None)
 
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -351,12 +461,17 @@ class SafeClip(Defense):
         if phase == "unimodal_warmup":
             passes = [TrainPass("unimodal", mode="unimodal")]
         elif phase == "multimodal_warmup":
-            passes = [TrainPass("multimodal", mode="multimodal", lr_override=self.multimodal_lr)]
+            # in-loop: over every sample (as a selection pass, keeping the partial last batch), since this
+            # epoch measures the similarities of the first split
+            passes = [TrainPass("multimodal", selection=self._every_sample(), mode="multimodal",
+                                lr_override=self.multimodal_lr)]
         else:
             table = ctx.table
             if self.ratio is None or not table.has_column("safe"):
                 raise RuntimeError(f"SafeCLIP epoch {epoch} has no safe/risky split (was the run resumed without "
                                    f"its .safe_train sidecar?)")
+            if self.similarity_mode == "inloop":
+                return [TrainPass("split", selection=self._every_sample(), mode="mixed")]
             safe = table["safe"].astype(bool)
             safe_ids, risky_ids = table.ids[safe], table.ids[~safe]
             passes = []
@@ -369,6 +484,15 @@ class SafeClip(Defense):
             passes.append(TrainPass("similarity", mode="similarity", train=False))
         return passes
 
+    def _every_sample(self) -> Selection | None:
+        """In-loop mode: every sample, as a selection (so the pass keeps its partial last batch and every
+        sample gets this epoch's similarity); pass mode: None (the run's own loader)."""
+        return Selection.excluding(np.zeros(0, np.int64)) if self.similarity_mode == "inloop" else None
+
+    def _measures(self, epoch: int, last_epoch: int) -> bool:
+        """Whether in-loop training in ``epoch`` measures the similarities of a split (one follows it)."""
+        return self.similarity_mode == "inloop" and self.phase(epoch) != "unimodal_warmup" and epoch + 1 < last_epoch
+
     # ---- forward and loss -----------------------------------------------------------------------
     def _forward_kind(self, pass_: TrainPass) -> str:
         """Which PASS_OUTPUTS entry a pass reads."""
@@ -378,6 +502,18 @@ class SafeClip(Defense):
 
     def forward(self, ctx: TrainContext, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 pass_: TrainPass) -> dict[str, torch.Tensor]:
+        if pass_.mode == "mixed":  # every raw pair, plus the views of the risky rows, in one model call
+            n, device = len(batch["raw_image"]), batch["raw_image"].device
+            has_view = batch["has_view"].to(torch.bool)  # a host tensor (HOST_KEYS): no device sync
+            rows = has_view.nonzero().squeeze(1).to(device, non_blocking=True)
+            out = model(torch.cat([batch["raw_image"], batch["image_view2"].index_select(0, rows)]),
+                        torch.cat([batch["raw_text"], batch["text_view2"].index_select(0, rows)]))
+            image, text = out["image_features"], out["text_features"]
+            image_view = image.new_zeros(image[:n].shape).index_put((rows,), image[n:])  # views in their rows
+            text_view = text.new_zeros(text[:n].shape).index_put((rows,), text[n:])
+            return {"image_features": image[:n], "text_features": text[:n], "image_view2_features": image_view,
+                    "text_view2_features": text_view, "risky": has_view.to(device, non_blocking=True),
+                    "logit_scale": out["logit_scale"]}
         pair = PASS_OUTPUTS.get(self._forward_kind(pass_))
         if pair is not None:
             image_key, text_key = pair
@@ -397,6 +533,9 @@ class SafeClip(Defense):
                      base_loss: Callable[..., dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         scale = features["logit_scale"]
         image1, text2 = features["image_features"], features["text_features"]
+        if pass_.mode == "mixed":
+            return split_batch_loss(image1, text2, features["image_view2_features"], features["text_view2_features"],
+                                    features["risky"], scale, self._gather)
         if pass_.mode == "clip":  # the safe pass: one pair (view 1 with caption 2, or the raw pair)
             return {"clip_loss": clip_loss(image1, text2, scale, self._gather)}
         if pass_.mode == "multimodal" and self.safe_input == "raw":  # the raw pair: image1, text2 are I, T
@@ -419,17 +558,19 @@ class SafeClip(Defense):
                 image, text = both[:, :dim], both[:, dim:]
             self.banks["image"].enqueue(image)
             self.banks["text"].enqueue(text)
-        if self.similarity_mode == "inloop":
-            self._record_similarity(ctx, step.sample_ids, features)
+        if self.similarity_mode == "inloop" and step.pass_.mode in ("mixed", "multimodal"):  # the raw pairs
+            self._record_similarity(ctx, step.sample_ids, features, window=step.batch_index // self._window_steps)
 
     def on_inference_batch(self, ctx: TrainContext, pass_: TrainPass, sample_ids: torch.Tensor,
                            features: dict[str, torch.Tensor]) -> None:
         if pass_.mode == "similarity":
             self._record_similarity(ctx, sample_ids, features)
 
-    def _record_similarity(self, ctx: TrainContext, sample_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
-        similarity = F.cosine_similarity(features["image_features"].float(), features["text_features"].float(), dim=-1)
-        self._pending.add(sample_ids.numpy(force=True), similarity)
+    def _record_similarity(self, ctx: TrainContext, sample_ids: torch.Tensor, features: dict[str, torch.Tensor],
+                           window: int | None = None) -> None:
+        similarity = F.cosine_similarity(features["image_features"].float().detach(),
+                                         features["text_features"].float().detach(), dim=-1)
+        self._pending.add(sample_ids.numpy(force=True), similarity, window)
         if self._pending.full:
             self.flush(ctx)
 
@@ -437,12 +578,18 @@ class SafeClip(Defense):
         """Record the buffered similarities in the table, in the order they were computed (one copy)."""
         parts = self._pending.drain()
         if parts:
-            ctx.table.record("similarity", np.concatenate([ids for ids, _, _ in parts]),
-                             np.concatenate([values for _, _, values in parts]))
+            ids = np.concatenate([ids for ids, _, _ in parts])
+            ctx.table.record("similarity", ids, np.concatenate([values for _, _, values in parts]))
+            if ctx.table.has_column("similarity_window"):
+                windows = [np.full(len(part_ids), -1 if w is None else w, np.int32) for part_ids, w, _ in parts]
+                ctx.table.record("similarity_window", ids, np.concatenate(windows))
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         for bank in self.banks.values():
             bank.rejected.zero_()
+        if self._measures(ctx.epoch, ctx.args.epochs):  # a sample this epoch does not measure must not keep an
+            ctx.table["similarity"][:] = np.nan  # old value in another epoch's window
+            ctx.table["similarity_window"][:] = -1
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
         if self.banks:
@@ -460,6 +607,9 @@ class SafeClip(Defense):
         """Fit the mixture to every sample's similarity and choose the safe set of ``for_epoch``."""
         table = ctx.table
         similarity = table["similarity"]
+        if self.similarity_mode == "inloop":
+            similarity = standardize_by_window(similarity, table["similarity_window"],
+                                               min_count=max(2, self.config.window_samples // 2))
         valid = np.isfinite(similarity)
         if not valid.any():
             raise RuntimeError("SafeCLIP: no sample has a similarity to split on")

@@ -55,13 +55,17 @@ class StepResult:
     batch: dict[str, Any]
 
 
+HOST_KEYS = frozenset({"sample_id", "has_view"})  # per-sample bookkeeping the host decides with (no device sync)
+
+
 def to_device(batch: dict, device: torch.device, input_dtype) -> dict:
-    """Tensors to the run's device (floats in the precision's input dtype); sample ids stay on the host."""
+    """Tensors to the run's device (floats in the precision's input dtype); sample ids and the other
+    ``HOST_KEYS`` stay on the host (reading them costs no device sync)."""
     out = {}
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
             out[key] = value
-        elif key == "sample_id":
+        elif key in HOST_KEYS:
             out[key] = value
         elif value.is_floating_point():
             out[key] = value.to(device=device, dtype=input_dtype, non_blocking=True)
