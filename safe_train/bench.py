@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Comma-separated defenses (default small: {','.join(DEFAULT_ROWS)}; scaled: "
                         f"{','.join(SCALED_DEFENSES)}; also: "
                         + ", ".join(n for n in BENCH_ENTRIES if n not in DEFAULT_ROWS)
-                        + "). Finetuning defenses start from the none run's checkpoint (trained first when not listed).")
+                        + "; scaled only: none-cleaned). Finetuning and cleaning rows start from the none run's "
+                        "checkpoint (trained first when not listed).")
     p.add_argument("--poison-rate", type=float, default=0.01,
                    help="small: fraction of training pairs poisoned (0.01 = 40 of 4,000); scaled: see --poison-rates.")
     p.add_argument("--seeds", default="0", help="Comma-separated seeds (data split, captions, poison choice, init).")
@@ -301,7 +302,7 @@ def _plot(results: list[RunResult], path: Path) -> None:
 # Flags only one kind of benchmark reads: given to the other, they are an error, not silently ignored.
 _SMALL_ONLY = {"poison_rate": "--poison-rates", "finetune_per_class": "--train-pairs"}
 _SCALED_ONLY = ("poison_rates", "split", "defense_rates", "train_pairs", "finetune_epochs", "precision",
-                "train_format")
+                "train_format", "clean_budget")
 
 
 def _check_scale_flags(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
