@@ -8,14 +8,28 @@ wall time and the CPU time of each and its speed-up over scikit-learn (goal: >= 
 method against the exact answer: a float64 brute force for ``--check`` random query rows (max absolute
 error of the k distances, recall of the neighbour sets). On a shared machine the CPU-time ratio is the
 steadier number (other processes stretch wall time); run with ``--threads 1`` to make CPU time a clean
-measure of work.
+measure of work. The ``auto`` row is ``knn``'s default backend; its label names what
+``knn.auto_backend`` resolved to for this search on this CPU (a fixed rule, no timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import time
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as ``lscpu`` prints it), so that every figure names its machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -39,7 +53,7 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from safe_train.detection.knn import bf16_is_fast, faiss_available, knn
+    from safe_train.detection.knn import amx_is_available, auto_backend, bf16_is_fast, faiss_available, knn
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -47,8 +61,8 @@ def main() -> None:
     x = (centers[rng.integers(0, 100, args.n)] + rng.normal(size=(args.n, args.dim))).astype(np.float32)
     k = args.k
 
-    def torch_knn(precision: str):
-        d, i = knn(x, x, k, exclude_self=True, backend="torch", precision=precision)
+    def torch_knn(precision: str, backend: str = "torch"):
+        d, i = knn(x, x, k, exclude_self=True, backend=backend, precision=precision)
         return d.numpy(), i.numpy()
 
     def faiss_knn(index: str):
@@ -68,7 +82,11 @@ def main() -> None:
         own[~own.any(1), -1] = True
         return dist[~own].reshape(len(x), k), idx[~own].reshape(len(x), k)
 
-    methods = {"torch fp32 (exact)": lambda: torch_knn("fp32"),
+    resolved = dict(zip(("backend", "precision"), auto_backend(args.n, args.n, args.dim, "cpu", self_join=True),
+                        strict=True))
+    auto_name = "auto: " + ("faiss flat" if resolved["backend"] == "faiss" else f"torch {resolved['precision']}")
+    methods = {auto_name: lambda: torch_knn("auto", backend="auto"),
+               "torch fp32 (exact)": lambda: torch_knn("fp32"),
                "torch bf16+rerank (exact)": lambda: torch_knn("bf16")}
     if faiss_available():
         methods["faiss flat (exact)"] = lambda: faiss_knn("flat")
@@ -77,7 +95,10 @@ def main() -> None:
         methods["sklearn brute"] = sklearn_knn
 
     print(f"global kNN (k-distance), N={args.n} d={args.dim} k={k}, {args.threads} thread(s), float32, CPU "
-          f"(native bf16: {bf16_is_fast('cpu')}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
+          f"{cpu_name()!r} (native bf16: {bf16_is_fast('cpu')}, AMX: {amx_is_available('cpu')}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})\n"
+          f"auto (knn's default backend) resolves to backend={resolved['backend']!r}, "
+          f"precision={resolved['precision']!r} for {args.n} x {args.n} pairs here")
     times = {name: float("inf") for name in methods}
     cpu_times = dict(times)
     results = {}
@@ -110,6 +131,11 @@ def main() -> None:
         print(f"  {name:26s} {times[name]:8.2f} {cpu_times[name]:8.2f} {times[base] / times[name]:6.2f}x "
               f"{cpu_times[base] / cpu_times[name]:6.2f}x {err.max():9.2e} {(err / exact_d).max():10.2e} "
               f"{recall:8.5f}")
+    others = [name for name in methods if name.endswith("(exact)")]  # auto runs one of these
+    fastest = min(others, key=cpu_times.__getitem__)
+    print(f"\nfastest explicit exact method by CPU time: {fastest} ({cpu_times[fastest]:.2f} s); {auto_name} took "
+          f"{cpu_times[auto_name] / cpu_times[fastest]:.2f}x its CPU time and {times[auto_name] / times[fastest]:.2f}x "
+          f"its wall time (CPU: {cpu_name()})")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from safe_train.data import (
 )
 from safe_train.detection.callback import score_metrics, write_histogram
 from safe_train.detection.detectors import auto_tau
-from safe_train.detection.knn import faiss_available
+from safe_train.detection.knn import BACKENDS, faiss_available
 from safe_train.detection.scores import global_scores, parse_detectors, partitioned_scores
 from safe_train.errors import DetectError, SafeTrainError, report
 from safe_train.evaluate import input_dtype, load_model, precision_context
@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "below k / poison rate.")
     p.add_argument("--repeats", type=int, default=1,
                    help="Average the scores over this many random batch partitions / reference samples.")
-    p.add_argument("--backend", default="torch", choices=("torch", "faiss"), help="kNN backend.")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="kNN backend. auto: the fastest exact one for this device and search size "
+                        "(knn.auto_backend: torch on CUDA; faiss flat or torch on a CPU); torch; faiss "
+                        "(--index/--nlist/--nprobe apply to it only). Default: %(default)s.")
     p.add_argument("--index", default="flat", choices=("flat", "ivf"), help="faiss index type.")
     p.add_argument("--nlist", type=int, default=None, help="faiss IVF lists (default sqrt(N)).")
     p.add_argument("--nprobe", type=int, default=8, help="faiss IVF lists visited per query.")

@@ -300,7 +300,7 @@ def test_precision_argument(monkeypatch):
         monkeypatch.setattr(K, "bf16_is_fast", lambda device=None: fast)
         monkeypatch.setattr(K, "AUTO_BF16_MIN_PAIRS", min_pairs)
         ran.clear()
-        d, i = knn(x, x, 3, exclude_self=True, **kwargs)
+        d, i = knn(x, x, 3, exclude_self=True, backend="torch", **kwargs)  # (backend="auto": test_knn_backend.py)
         np.testing.assert_array_equal(i.numpy(), i32.numpy())  # every path gives the exact neighbours
         np.testing.assert_allclose(d.numpy(), d32.numpy(), rtol=1e-5, atol=1e-6)
         return ran[0]

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from safe_train import dist
-from safe_train.detection.knn import faiss_available
+from safe_train.detection.knn import BACKENDS, faiss_available
 from safe_train.detection.scores import batch_scores, global_scores, parse_detectors
 from safe_train.errors import ConfigError
 from safe_train.flags import FlagConfig, check, option
@@ -94,7 +94,9 @@ class DetectionConfig(FlagConfig):
                            "16, lid 64).", type=int, metavar="K")
     metric: str = option("l2", "Distance between (L2-normalised, as OpenCLIP's forward returns them) embeddings.",
                          choices=("l2", "cosine"))
-    backend: str = option("torch", "kNN backend.", choices=("torch", "faiss"))
+    backend: str = option("auto", "kNN backend. auto: the fastest exact one for this device and search size "
+                          "(knn.auto_backend: torch on CUDA; faiss flat or torch on a CPU); torch; faiss.",
+                          choices=BACKENDS)
     action: str = option("log", "log: record scores only; drop: exclude the top --detect-drop-fraction from later "
                          "epochs.", choices=("log", "drop"))
     drop_fraction: float | None = option(None, "With --detect-action drop: the fraction of the scored samples to drop "

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour search with two interchangeable backends.
+"""k-nearest-neighbour search with two interchangeable backends and a rule that picks between them.
 
 ``knn(query, reference, k, ...)`` returns, for every query row, the ``k`` smallest distances to the
 rows of ``reference`` (ascending) and their reference indices. Distances are
@@ -17,6 +17,11 @@ Inputs must be finite and exclusions must be ``-1`` or in ``[0, m)``: anything e
 
 Backends:
 
+- ``auto`` (the default): one of the two below, by a fixed rule from the device, the CPU's capabilities and
+  the search's size and shape (:func:`auto_backend`; never a timing taken at run time), always an exact
+  search: torch fp32 on CUDA; on a CPU faiss flat from ``AUTO_FAISS_MIN_PAIRS`` query-reference pairs on,
+  torch fp32 below (faiss' per-call set-up does not pay there), torch bf16 with AMX, and torch for the
+  largest self-joins (bf16 up to a width of 384 where the CPU has native bf16, else fp32 from a width of 384 on).
 - ``torch``: exhaustive, tiled. Query and reference are processed in tiles whose distance block holds
   at most ``max_tile_elements`` entries, keeping a running top-k, so memory is O(tile + n·k), never
   O(n·m). Runs on CPU or CUDA (``device``). A self-join (the same tensor as query and reference with
@@ -34,7 +39,7 @@ Backends:
     rounding of the re-rank, so this mode is *more* accurate than ``"fp32"``. Extra memory: about one
     fp32 copy of query and reference, plus up to ``knn_bf16.FORM_CACHE_BYTES`` of GEMM operands.
 
-  ``"auto"`` (default) is ``"bf16"`` on CPUs with native bf16 GEMMs (``bf16_is_fast``) for searches
+  ``precision="auto"`` (default) is ``"bf16"`` on CPUs with native bf16 GEMMs (``bf16_is_fast``) for searches
   of at least ``AUTO_BF16_MIN_PAIRS`` query-reference pairs, else ``"fp32"``: below that the split and
   re-rank cost more than the faster GEMM saves (a 1,024-sample batch reference is 3-4x slower in bf16).
   ``"auto"`` never picks bf16 on CUDA (neither timed nor proven exact on GPUs): there it is always ``"fp32"``.
@@ -42,6 +47,8 @@ Backends:
   ``nlist`` inverted lists, ``nprobe`` visited per query). Uses faiss-gpu when it is importable and
   ``device`` is CUDA (one ``StandardGpuResources`` per GPU, cached for the process: building it allocates
   scratch memory and streams). Searches ``k + e`` neighbours and removes the excluded ones afterwards.
+  faiss flat computes the same ``|q|^2 + |r|^2 - 2 q.r`` expansion in fp32 as torch's ``"fp32"`` (same
+  accuracy; tested against float64 brute force) and runs with ``torch.get_num_threads()`` threads.
 
 Precision of the GEMMs: OpenCLIP sets ``torch.backends.cuda.matmul.allow_tf32 = True`` whenever CUDA is
 available, and ``torch.set_float32_matmul_precision("high" / "medium")`` lets oneDNN use bf16 for fp32
@@ -69,18 +76,28 @@ import torch
 
 from safe_train.detection.knn_bf16 import GROUP, REFERENCE_TILE, bf16_is_fast, mask_exclusions, torch_knn_bf16
 
-__all__ = ["AUTO_BF16_MIN_PAIRS", "BACKENDS", "CUDA_MAX_TILE_ELEMENTS", "CUDA_TILE_FRACTION", "DEFAULT_TILE_ELEMENTS",
-           "METRICS", "PRECISIONS", "bf16_is_fast", "exact_fp32_matmul", "faiss_available", "knn", "tile_elements"]
+__all__ = ["AUTO_BF16_MAX_DIM", "AUTO_BF16_MIN_PAIRS", "AUTO_FAISS_MIN_PAIRS", "AUTO_LARGE_PAIRS",
+           "AUTO_SELF_JOIN_FP32_MIN_DIM", "BACKENDS", "CUDA_MAX_TILE_ELEMENTS", "CUDA_TILE_FRACTION",
+           "DEFAULT_TILE_ELEMENTS", "METRICS", "PRECISIONS", "amx_is_available", "auto_backend", "bf16_is_fast",
+           "exact_fp32_matmul", "faiss_available", "knn", "tile_elements"]
 
 Array = np.ndarray | torch.Tensor
 
 METRICS = ("l2", "cosine")
-BACKENDS = ("torch", "faiss")
+BACKENDS = ("auto", "torch", "faiss")
 PRECISIONS = ("auto", "fp32", "bf16")
 # "auto" uses bf16 from this many query x reference pairs on (measured on a 2-core Sapphire Rapids, one
 # thread, self-joins with k = 16: bf16 / fp32 time 3.5-4 at 1,024 rows, 0.9-1.6 at 2,048-4,096, 0.8-0.97
 # at 8,192, 0.5-0.8 at 16,384; d = 128 and 512)
 AUTO_BF16_MIN_PAIRS = 8192 * 8192
+# backend="auto" on a CPU (auto_backend, which gives the measurements): faiss flat from this many query x
+# reference pairs on (a 1,024-image in-loop batch against its 2,048 images and captions); self-joins from
+# AUTO_LARGE_PAIRS on stay on torch, fp32 from AUTO_SELF_JOIN_FP32_MIN_DIM columns, bf16 (native bf16 without
+# AMX) up to AUTO_BF16_MAX_DIM
+AUTO_FAISS_MIN_PAIRS = 1024 * 2048
+AUTO_LARGE_PAIRS = 32768 * 32768
+AUTO_SELF_JOIN_FP32_MIN_DIM = 384
+AUTO_BF16_MAX_DIM = 384
 DEFAULT_TILE_ELEMENTS = 1 << 23  # 8M distances = 32 MB of float32 per tile
 CUDA_MAX_TILE_ELEMENTS = 1 << 28  # 1 GB of float32 distances per tile at most on a GPU
 CUDA_TILE_FRACTION = 16  # a CUDA tile's distance block takes at most 1/16 of the free device memory: the
@@ -152,6 +169,73 @@ def tile_elements(device: str | torch.device | None) -> int:
     return int(min(CUDA_MAX_TILE_ELEMENTS, max(DEFAULT_TILE_ELEMENTS, budget)))
 
 
+def amx_is_available(device: str | torch.device | None = None) -> bool:
+    """Whether ``device`` is a CPU with AMX tiles, where the bf16 path is the fastest from ``AUTO_BF16_MIN_PAIRS``
+    on. Native bf16 without AMX (AVX512-BF16: AMD Zen 4, Cooper Lake) runs its ``3d + 4``-wide bf16 GEMM at
+    only twice the fp32 rate, and wins there only for large, narrow self-joins (:func:`auto_backend`)."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bf16_is_fast(device) and is_amx is not None and bool(is_amx())
+
+
+def auto_backend(n: int, m: int, d: int, device: str | torch.device | None = None, *, self_join: bool = False,
+                 precision: str = "auto") -> tuple[str, str]:
+    """The ``(backend, precision)`` that ``backend="auto"`` runs for ``n`` queries x ``m`` references of width ``d``.
+
+    ``self_join``: the query is the reference with ``exclude_self`` and symmetric exclusions (torch then
+    multiplies each pair of tiles once). One fixed rule (never a timing taken at run time, so a search's
+    backend, result and speed are reproducible); ``pairs = n * m``; the first match wins:
+
+    1. ``precision`` "fp32" or "bf16" (a torch-only option): ``("torch", precision)``;
+    2. not a CPU (CUDA): ``("torch", "fp32")`` with TF32 off (faiss-gpu and the bf16 path are untimed on GPUs);
+    3. a CPU with AMX (:func:`amx_is_available`) and ``pairs >= AUTO_BF16_MIN_PAIRS``: ``("torch", "bf16")``;
+    4. a self-join of ``pairs >= AUTO_LARGE_PAIRS``: ``("torch", "bf16")`` if the CPU has native bf16
+       (``bf16_is_fast``; AVX512-BF16 without AMX here) and ``d <= AUTO_BF16_MAX_DIM``, else ``("torch",
+       "fp32")`` if ``d >= AUTO_SELF_JOIN_FP32_MIN_DIM``;
+    5. faiss importable and ``pairs >= AUTO_FAISS_MIN_PAIRS``: ``("faiss", "fp32")``, i.e. faiss flat;
+    6. otherwise ``("torch", "fp32")``.
+
+    Every choice is exact (bf16 after its proven re-rank). Measured on an AMD EPYC (Zen 4: AVX512-BF16, no
+    AMX; 2 vCPUs shared with a training job), clustered float32, k = 16, d = 128-512, CPU time of faiss
+    flat / torch fp32 on 1 and 2 threads:
+
+    - in-loop batch shapes (b image queries against 2b images and captions, excluding self and own caption;
+      the 2b x 2b reference self-join): 0.8-1.4 up to 512 x 1,024, mixed at 1,024 x 1,024 (0.8-0.9 on 1
+      thread, 1.1-1.2 at d = 128 on 2 with twice the wall time), 0.53-0.9 from 1,024 x 2,048 on: hence
+      ``AUTO_FAISS_MIN_PAIRS``;
+    - general searches (query != reference), 4,096-20,000 squared: 0.42-0.78 at every d; torch bf16 / faiss
+      1.3-1.6 at 20,000 x 20,000;
+    - self-joins up to 20,000 rows: 0.53-0.68 at d = 128 (from 2,048 rows), 0.7-1.03 at d = 256, 0.8-0.95
+      at d = 512; torch bf16 / faiss 1.5 at 8,192 x 128, 0.96-1.05 at 20,000 rows (d = 128, 256);
+    - self-joins of 32,768 and 50,000 rows (rule 4; 2 threads, one run each unless noted), CPU seconds
+      torch fp32 / torch bf16 / faiss: d = 128: 18.4 / 9.6 / 12.0 at 50,000 (best of 2; 1 thread: 17.2 / 8.3
+      / 9.4), bf16 / faiss 0.84 at 32,768; d = 256: 24.7 / 16.6 / 20.5; d = 384: 12.2 / 10.8 / 12.3 and
+      25.0 / 24.1 / 28.2; d = 512: 14.4 / 15.7 / 15.9 and 31.0 / 35.0 / 32.3 (1 thread: 28.6 / 33.1 / 33.4).
+      Torch's self-join multiplies each pair of tiles once, which wins once the GEMM dominates; bf16's
+      ``3d + 4``-wide GEMM runs at only twice the fp32 rate without AMX, which stops paying beyond d = 384.
+
+    With AMX (Sapphire Rapids) bf16 took 0.44x faiss' time at 50,000 x 128 (benchmarks/RESULTS.md). Reproduce
+    the self-joins with ``benchmarks/knn_vs_sklearn.py --n N --dim D`` (it prints what auto resolved to).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown kNN precision {precision!r}; choose from {PRECISIONS}")
+    if precision != "auto":
+        return "torch", precision
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cpu":
+        return "torch", "fp32"
+    pairs = n * m
+    if pairs >= AUTO_BF16_MIN_PAIRS and amx_is_available(dev):
+        return "torch", "bf16"
+    if self_join and pairs >= AUTO_LARGE_PAIRS:
+        if d <= AUTO_BF16_MAX_DIM and bf16_is_fast(dev):
+            return "torch", "bf16"
+        if d >= AUTO_SELF_JOIN_FP32_MIN_DIM:
+            return "torch", "fp32"
+    if pairs >= AUTO_FAISS_MIN_PAIRS and faiss_available():
+        return "faiss", "fp32"
+    return "torch", "fp32"
+
+
 def _as_tensor(x: Array) -> torch.Tensor:
     """``x`` as a float32 tensor without autograd history (NumPy arrays: shared memory where possible)."""
     if isinstance(x, np.ndarray):
@@ -186,14 +270,15 @@ def _check_finite(x: torch.Tensor) -> None:
 
 
 def knn(query: Array, reference: Array, k: int, *, metric: str = "l2", exclude: Array | None = None,
-        exclude_self: bool = False, backend: str = "torch", device: str | torch.device | None = None,
+        exclude_self: bool = False, backend: str = "auto", device: str | torch.device | None = None,
         max_tile_elements: int | None = None, index: str = "flat", nlist: int | None = None,
         nprobe: int = 8, seed: int = 0, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest reference rows of every query row.
 
     Returns ``(distances [n, k] float32, indices [n, k] int64)``, both on the CPU. See the module
     docstring for metrics, exclusion, backends and ``precision`` ("auto", "fp32", "bf16"; torch backend
-    only, faiss ignores it). ``max_tile_elements=None``: :func:`tile_elements` of the compute device. The
+    only, faiss ignores it). ``backend="auto"`` (default) runs :func:`auto_backend`'s choice, always an exact
+    one (``index`` must stay "flat"). ``max_tile_elements=None``: :func:`tile_elements` of the compute device. The
     GEMMs run in IEEE fp32 whatever the global TF32 settings (:func:`exact_fp32_matmul`). Raises ValueError
     for non-finite inputs and out-of-range exclusions.
     """
@@ -230,12 +315,17 @@ def _knn(query: Array, reference: Array, k: int, *, metric: str, exclude: Array 
         r = q if same else torch.nn.functional.normalize(r, dim=1)
     ex = _exclusions(q.shape[0], r.shape[0], exclude, exclude_self)
     dev = torch.device(device) if device is not None else q.device
+    symmetric = same and _is_symmetric(ex)  # on the CPU copy: before the move below
+    if backend == "auto":
+        if index != "flat":
+            raise ValueError(f"index={index!r} needs backend='faiss': backend='auto' picks exact searches only")
+        backend, precision = auto_backend(q.shape[0], r.shape[0], q.shape[1], dev, self_join=symmetric,
+                                          precision=precision)
     if max_tile_elements is None:  # (faiss tiles itself)
         max_tile_elements = tile_elements(dev) if backend == "torch" else DEFAULT_TILE_ELEMENTS
     large = q.shape[0] * r.shape[0] >= AUTO_BF16_MIN_PAIRS
     auto_bf16 = precision == "auto" and large and dev.type == "cpu" and bf16_is_fast(dev)  # never on CUDA
     bf16 = backend == "torch" and (precision == "bf16" or auto_bf16)
-    symmetric = same and _is_symmetric(ex)  # on the CPU copy: before the move below
     if bf16:
         sq_dist, idx = torch_knn_bf16(q, r, k, ex, symmetric, device, max_tile_elements)
     elif backend == "torch":
@@ -394,6 +484,21 @@ def _faiss_gpu_resources(faiss: Any, gpu: int) -> Any:
     return _FAISS_GPU_RESOURCES[gpu]
 
 
+@contextlib.contextmanager
+def _faiss_threads(faiss: Any) -> Iterator[None]:
+    """faiss' OpenMP threads set to ``torch.get_num_threads()`` inside, restored on exit: faiss-cpu wheels bundle
+    their own OpenMP runtime, which ``torch.set_num_threads`` does not reach when faiss is imported first, and a
+    faiss search (e.g. one that ``backend="auto"`` picked in the training loop) would then take every core."""
+    before, threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    if threads != before:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != before:
+            faiss.omp_set_num_threads(before)
+
+
 def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None,
                device: str | torch.device | None, index: str, nlist: int | None, nprobe: int,
                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,26 +513,27 @@ def _faiss_knn(q: torch.Tensor, r: torch.Tensor, k: int, ex: torch.Tensor | None
     d = q.shape[1]
     xq = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
     xr = np.ascontiguousarray(r.cpu().numpy(), dtype=np.float32)
-    if index == "flat":
-        idx = faiss.IndexFlatL2(d)
-    else:
-        nlist = nlist or max(1, int(round(math.sqrt(m))))
-        nlist = min(nlist, m)
-        quantizer = faiss.IndexFlatL2(d)
-        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-        idx.cp.seed = seed
-        idx.train(xr)
-        idx.nprobe = min(nprobe, nlist)
-    use_gpu = (device is not None and torch.device(device).type == "cuda"
-               and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
-    if use_gpu:
-        gpu = torch.device(device).index
-        gpu = torch.cuda.current_device() if gpu is None else gpu
-        idx = faiss.index_cpu_to_gpu(_faiss_gpu_resources(faiss, gpu), gpu, idx)
-    idx.add(xr)
-    e = 0 if ex is None else ex.shape[1]
-    search_k = min(m, k + e)
-    dist, ind = idx.search(xq, search_k)
+    with _faiss_threads(faiss):
+        if index == "flat":
+            idx = faiss.IndexFlatL2(d)
+        else:
+            nlist = nlist or max(1, int(round(math.sqrt(m))))
+            nlist = min(nlist, m)
+            quantizer = faiss.IndexFlatL2(d)
+            idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+            idx.cp.seed = seed
+            idx.train(xr)
+            idx.nprobe = min(nprobe, nlist)
+        use_gpu = (device is not None and torch.device(device).type == "cuda"
+                   and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+        if use_gpu:
+            gpu = torch.device(device).index
+            gpu = torch.cuda.current_device() if gpu is None else gpu
+            idx = faiss.index_cpu_to_gpu(_faiss_gpu_resources(faiss, gpu), gpu, idx)
+        idx.add(xr)
+        e = 0 if ex is None else ex.shape[1]
+        search_k = min(m, k + e)
+        dist, ind = idx.search(xq, search_k)
     dist_t, ind_t = torch.from_numpy(dist).float(), torch.from_numpy(ind).long()
     if ex is not None:
         drop = (ind_t[:, :, None] == ex[:, None, :]).any(dim=2) | (ind_t < 0)
