@@ -154,6 +154,7 @@ def test_two_rank_drop_is_identical_on_every_rank(poisoned_csv, tmp_path):
     np.testing.assert_array_equal(np.sort(epoch0["sample_id"][top]), table.ids[dropped])
 
 
+@pytest.mark.slow  # CI time: the step-resume test below covers the harder mid-epoch case in the default run
 def test_aggregate_survives_an_epoch_resume(poisoned_csv, tmp_path, monkeypatch):
     """Killed after epoch 1's checkpoint and resumed: score_agg / score_agg_count equal the uninterrupted run's."""
     from helpers import KillAtEpoch, Killed, with_callbacks
