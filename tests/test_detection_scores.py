@@ -275,3 +275,38 @@ def test_faiss_ivf_is_approximately_right():
     exact = local_scores(x, x, ["kdist"], k=10)["kdist"]
     approx = local_scores(x, x, ["kdist"], k=10, backend="faiss", index="ivf", nlist=32, nprobe=8)["kdist"]
     assert np.corrcoef(exact, approx)[0, 1] > 0.98
+
+
+def test_batch_scores_read_the_queries_neighbours_from_the_one_self_join(monkeypatch):
+    """In a batch reference the queries are rows of the reference with its own exclusions: one self-join gives
+    both their neighbours and the reference's (issue 16: the second search was a third of the in-loop cost).
+    The scores equal the two-search computation exactly, and the kNN runs once."""
+    import safe_train.detection.scores as scores_module
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(48, 8)).astype(np.float32)
+    text = rng.normal(size=(48, 8)).astype(np.float32)
+    image[:6] = image[0] + 0.01 * rng.normal(size=(6, 8))  # a tight cluster, as learned poisons form
+    detectors = ["auto", "slof", "kdist"]
+    calls = []
+    original = scores_module.knn
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("exclude_self", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scores_module, "knn", counted)
+    for queries in (None, slice(0, 24), slice(24, 48)):  # the whole batch, and each of two ranks' shares
+        calls.clear()
+        fast = scores_module.batch_scores(image, text, detectors, k=8, queries=queries, backend="torch")
+        assert calls == [True]  # one self-join
+        chosen = slice(None) if queries is None else queries
+        reference = np.concatenate([image, text])
+        partner = scores_module._pair_exclusions(48, True)
+        query_exclude = np.concatenate([np.arange(48)[:, None], partner[:48]], axis=1)
+        slow = scores_module.local_scores(image[chosen], reference, detectors, query_exclude=query_exclude[chosen],
+                                          reference_exclude=partner, query_text=text[chosen], k=8,
+                                          pair_mismatch=scores_module._pair_mismatch(image, text, detectors),
+                                          backend="torch")
+        for name in detectors:
+            np.testing.assert_array_equal(fast[name], slow[name], err_msg=f"{name}, queries {queries}")

@@ -94,7 +94,7 @@ def _knn_input(x: Array) -> Array:
 def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, query_exclude: Array | None = None,
                  reference_exclude: Array | None = None, query_text: Array | None = None, k: int | None = None,
                  metric: str = "l2", seed: int = 0, pair_mismatch: np.ndarray | None = None,
-                 **knn_kwargs: Any) -> dict[str, np.ndarray]:
+                 query_rows: np.ndarray | None = None, **knn_kwargs: Any) -> dict[str, np.ndarray]:
     """Scores of every query row against ``reference`` (see the module docstring for the formulas).
 
     ``query_exclude`` / ``reference_exclude``: ``[n, e]`` / ``[m, e]`` reference indices inadmissible for
@@ -103,7 +103,11 @@ def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, qu
     image-caption pair scored together (``auto`` standardises its caption term by it). ``k`` overrides every detector's default
     (``Detector.choose_k``; ``auto`` sizes its own from the reference) and is clamped to the number of
     admissible reference points. The kNN is computed once, for the
-    largest k the detectors need; each registered :class:`Detector` scores from it.
+    largest k the detectors need; each registered :class:`Detector` scores from it. ``query_rows``: the queries
+    are these rows of ``reference`` with exactly the reference's exclusions (its own index and
+    ``reference_exclude``), as in a batch reference; when the detectors need the reference's own kNN at
+    the same k, the queries' neighbours are then read from that one self-join instead of a second search
+    (the same result: the queries' rows of it).
     """
     names = parse_detectors(detectors)
     chosen: dict[str, Detector] = {name: DETECTORS.get(name)() for name in names}
@@ -122,14 +126,25 @@ def local_scores(query: Array, reference: Array, detectors: Sequence[str], *, qu
         ks = {name: min(int(k) if k is not None else int(chosen[name].choose_k(admissible)), admissible)
               for name in local}
         q_in, r_in = _knn_input(query), _knn_input(reference)
-        q_dist, q_idx = knn(q_in, r_in, max(ks.values()), metric=metric, exclude=query_exclude, seed=seed,
-                            **knn_kwargs)
-        inputs = dataclasses.replace(inputs, query_dist=q_dist.numpy().astype(np.float64), query_idx=q_idx.numpy())
         with_reference = [name for name in local if chosen[name].needs_reference_knn]
+        k_query = max(ks.values())
+        if query_rows is not None and with_reference and max(ks[name] for name in with_reference) == k_query:
+            r_dist, r_idx = knn(r_in, r_in, k_query, metric=metric, exclude=reference_exclude, exclude_self=True,
+                                seed=seed, **knn_kwargs)
+            rows = np.asarray(query_rows, dtype=np.int64)
+            return _score_all(chosen, ks, dataclasses.replace(
+                inputs, query_dist=r_dist.numpy()[rows].astype(np.float64), query_idx=r_idx.numpy()[rows],
+                reference_dist=r_dist.numpy().astype(np.float64)))
+        q_dist, q_idx = knn(q_in, r_in, k_query, metric=metric, exclude=query_exclude, seed=seed, **knn_kwargs)
+        inputs = dataclasses.replace(inputs, query_dist=q_dist.numpy().astype(np.float64), query_idx=q_idx.numpy())
         if with_reference:
             r_dist, _ = knn(r_in, r_in, max(ks[name] for name in with_reference), metric=metric,
                             exclude=reference_exclude, exclude_self=True, seed=seed, **knn_kwargs)
             inputs = dataclasses.replace(inputs, reference_dist=r_dist.numpy().astype(np.float64))
+    return _score_all(chosen, ks, inputs)
+
+
+def _score_all(chosen: dict[str, Detector], ks: dict[str, int], inputs: ScoreInputs) -> dict[str, np.ndarray]:
     return {name: det.score(dataclasses.replace(inputs, k=ks.get(name))) for name, det in chosen.items()}
 
 
@@ -169,7 +184,8 @@ def batch_scores(image: Array, text: Array, detectors: Sequence[str], *, k: int 
     chosen = slice(None) if queries is None else queries
     return local_scores(img[chosen], reference, detectors, query_exclude=query_exclude[chosen],
                         reference_exclude=partner, query_text=txt[chosen], k=k, metric=metric, seed=seed,
-                        pair_mismatch=_pair_mismatch(img, txt, detectors), **knn_kwargs)
+                        pair_mismatch=_pair_mismatch(img, txt, detectors), query_rows=np.arange(b)[chosen],
+                        **knn_kwargs)
 
 
 def _pair_mismatch(image: Array, text: Array, detectors: Sequence[str]) -> np.ndarray | None:
