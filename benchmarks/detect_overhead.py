@@ -78,8 +78,8 @@ class Clock:
 @dataclass
 class PartTimer:
     """Wall/CPU seconds of the parts of a detection call, by wrapping the functions it calls (measurement only:
-    everything is restored on exit). Parts: ``knn-query`` (the queries' kNN), ``knn-reference`` (the reference
-    self-join, ``exclude_self=True``), ``formula`` (the detectors' ``score`` methods); the caller's total minus
+    everything is restored on exit). Parts: ``knn-query`` (the queries' kNN; a batch reference has none: its
+    queries' neighbours are rows of the self-join), ``knn-reference`` (the reference self-join, ``exclude_self=True``), ``formula`` (the detectors' ``score`` methods); the caller's total minus
     these is the rest."""
 
     parts: dict[str, Clock] = field(default_factory=dict)
