@@ -138,3 +138,14 @@ def wordnet(tmp_path_factory) -> None:
 
 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (fixture: a private one-node Slurm for test_slurm.py)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Many small tensor ops (kNN tests): on a busy shared machine intra-op threads mostly wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

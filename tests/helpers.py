@@ -105,3 +105,27 @@ def hand_ce(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> float:
         top = max(logits)
         total += -(logits[i] - top - math.log(sum(math.exp(v - top) for v in logits)))
     return total / len(rows)
+
+
+def assert_repeatable_without_touching_global_rngs(make_views) -> list:
+    """Call ``make_views()`` twice with other global draws in between: the outputs must be equal tensor for tensor
+    and the process-global generators (``random``, numpy's, torch's CPU one) must be where the second call found
+    them (seeded per-sample views, :func:`safe_train.augment.private_global_rngs`). Returns the first outputs."""
+    import random
+
+    import numpy as np
+
+    def states() -> tuple:
+        return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+
+    first = make_views()
+    torch.manual_seed(123)  # other draws in between (a sampler's seed, another sample, ...)
+    random.seed(7)
+    np.random.seed(7)
+    before = states()
+    again = make_views()
+    after = states()
+    assert before[0] == after[0] and before[1] == after[1] and torch.equal(before[2], after[2])
+    for a, b in zip(first, again, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    return first

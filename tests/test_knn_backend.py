@@ -26,13 +26,7 @@ TIE_MARGIN = 1e-5  # relative; the fp32 expansion moves these distances by ~1.5e
 faiss_missing = not K.faiss_available()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small searches on a shared machine: intra-op threads would mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def clustered(rng: np.random.Generator, n: int, d: int, n_clusters: int = 10) -> np.ndarray:

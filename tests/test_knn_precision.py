@@ -60,13 +60,7 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops: on a busy shared machine, intra-op threads mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def clustered(rng, n, d, n_clusters=8, scale=3.0, spread=1.0, offset=0.0):

@@ -11,7 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import train_flags
-from helpers import KillAtEpoch, Killed, hand_ce, load_table, run_safe_train, unit_rows, with_callbacks
+from helpers import (
+    KillAtEpoch,
+    Killed,
+    assert_repeatable_without_touching_global_rngs,
+    hand_ce,
+    load_table,
+    run_safe_train,
+    unit_rows,
+    with_callbacks,
+)
 
 from safe_train.args import build_parser
 from safe_train.defenses.safeclip import SafeClip, standardize_by_window
@@ -179,19 +188,12 @@ def test_inloop_training_measures_every_sample_each_epoch_and_resumes(csv_64, tm
 
 
 # ---- seeded views ---------------------------------------------------------------------------------------
-def _global_states() -> tuple:
-    import random
-
-    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
-
-
 @pytest.mark.usefixtures("wordnet")
 def test_safeclip_views_are_a_function_of_seed_epoch_sample_and_view():
     """SimCLR views (and the raw image's training crop) are seeded per (seed, epoch, sample id, view), as
     CleanCLIP's: the same tensors whatever the process drew before or which worker makes them, and the
     process's own RNG streams are left where they were."""
     import pickle
-    import random
 
     import open_clip
     from PIL import Image
@@ -217,16 +219,7 @@ def test_safeclip_views_are_a_function_of_seed_epoch_sample_and_view():
         return [t(image, caption, 100 + i) for i, image in enumerate(images)]
 
     transform = make(0)
-    first = views(transform, 1)
-    torch.manual_seed(123)
-    random.seed(7)
-    np.random.seed(7)
-    before = _global_states()
-    again = views(transform, 1)
-    after = _global_states()
-    assert before[0] == after[0] and before[1] == after[1] and torch.equal(before[2], after[2])
-    for a, b in zip(first, again, strict=True):
-        assert all(torch.equal(a[key], b[key]) for key in a)
+    first = assert_repeatable_without_touching_global_rngs(lambda: views(transform, 1))
     copied = pickle.loads(pickle.dumps(transform))  # what a spawned data-loader worker holds
     assert all(torch.equal(a[key], b[key]) for a, b in zip(first, views(copied, 1), strict=True) for key in a)
     later = views(transform, 2)  # a fresh draw every epoch; the EDA captions stay fixed for the run
