@@ -46,7 +46,14 @@ from safe_train.data import (
 from safe_train.detection.callback import score_metrics, write_histogram
 from safe_train.detection.detectors import auto_tau
 from safe_train.detection.knn import BACKENDS, faiss_available
-from safe_train.detection.scores import global_scores, parse_detectors, partitioned_scores
+from safe_train.detection.scores import (  # noqa: F401 (AUTO_REFERENCE_PAIRS, auto_reference_size: re-exported)
+    AUTO_REFERENCE_PAIRS,
+    auto_reference_scores,
+    auto_reference_size,
+    global_scores,
+    parse_detectors,
+    partitioned_scores,
+)
 from safe_train.errors import DetectError, SafeTrainError, report
 from safe_train.evaluate import input_dtype, load_model, precision_context
 from safe_train.manifest import Manifest
@@ -55,11 +62,6 @@ from safe_train.registry import DETECTORS
 PROG = "safe-train detect"
 
 log = logging.getLogger("safe_train.detect")
-
-AUTO_REFERENCE_PAIRS = 32768
-"""``--reference auto``: the reference is a random sample of at most this many images (the whole set below it):
-the kNN costs ``N x min(N, 32768)`` distances, and a cluster of ``C`` poisons keeps ``C x 32768 / N`` members there."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m safe_train.detect", description=__doc__.split("\n\n")[0],
@@ -210,14 +212,9 @@ def score(args: argparse.Namespace, detectors: list[str], image: np.ndarray, tex
     if args.reference == "batch":
         return partitioned_scores(image, text, detectors, batch_size=args.reference_batch_size, **common)
     if args.reference == "auto":
-        common["with_text"] = False
-        return global_scores(image, text, detectors, reference_size=auto_reference_size(len(image)), **common)
+        del common["with_text"]
+        return auto_reference_scores(image, text, detectors, **common)
     return global_scores(image, text, detectors, reference_size=args.reference_size, **common)
-
-
-def auto_reference_size(n: int) -> int:
-    """``--reference auto``: how many pairs the random reference sample holds (all of them up to 32,768)."""
-    return min(int(n), AUTO_REFERENCE_PAIRS)
 
 
 def default_threshold(args: argparse.Namespace, detectors: list[str], n: int) -> float | None:

@@ -129,6 +129,45 @@ def test_in_loop_global_reference(poisoned_csv, tmp_path):
     assert "detect_dao_auroc" in (tmp_path / "g" / "out.log").read_text()
 
 
+def test_in_loop_auto_reference_is_the_standalone_rule(monkeypatch):
+    """``--detect-reference auto`` scores the epoch exactly as ``safe-train detect``'s default reference does
+    (a seeded sample of min(N, 32768) images, no captions): fed the same embeddings, the scores are identical;
+    the sample is really a sample above the cap (monkeypatched to 40 of 96)."""
+    import argparse
+
+    import torch
+
+    from safe_train.detection import scores as scores_mod
+    from safe_train.detection.callback import DetectionCallback
+    from safe_train.interface import StepOutput, TrainContext, TrainPass
+    from safe_train.state import SampleTable
+
+    monkeypatch.setattr(scores_mod, "AUTO_REFERENCE_PAIRS", 40)
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(1000)[:96].astype(np.int64)
+    image, text = rng.normal(size=(96, 8)).astype(np.float32), rng.normal(size=(96, 8)).astype(np.float32)
+    args = argparse.Namespace(detect="auto,kdist", detect_reference="auto", detect_k=None, detect_metric="l2",
+                              detect_backend="torch", detect_action="log", detect_drop_fraction=None,
+                              detect_drop_epoch=1, detect_every=1, detect_reference_size=None, detect_manifest=None,
+                              detect_blocklist_budget=None, seed=5)
+    callback = DetectionCallback.from_args(args)
+    ctx = TrainContext(args=args, table=SampleTable())
+    callback.setup(ctx)
+    callback.on_epoch_start(ctx)
+    for part in (slice(0, 50), slice(50, 96)):  # two steps
+        ctx.table.register(ids[part])
+        features = {"image_features": torch.from_numpy(image[part]), "text_features": torch.from_numpy(text[part])}
+        callback.on_step_end(ctx, StepOutput(TrainPass(), torch.from_numpy(ids[part]), features, {}, 0))
+    callback.on_epoch_end(ctx)
+    expected = scores_mod.auto_reference_scores(image, text, ["auto", "kdist"], k=None, metric="l2", seed=5,
+                                                backend="torch")
+    whole = scores_mod.global_scores(image, text, ["auto"], reference_size=None, with_text=False, seed=5,
+                                     backend="torch")
+    for name in ("auto", "kdist"):
+        np.testing.assert_array_equal(ctx.table.get(f"score_{name}", ids), expected[name].astype(np.float32))
+    assert not np.allclose(expected["auto"], whole["auto"])  # 40 of 96: a sample, not the whole epoch
+
+
 def test_two_rank_drop_is_identical_on_every_rank(poisoned_csv, tmp_path):
     train, manifest = poisoned_csv
     flags = train_flags(train, tmp_path, "r2", epochs=2, batch_size=8, extra=[

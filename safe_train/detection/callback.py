@@ -10,11 +10,14 @@ Each sample's score is decided by exactly one rank, so the synced table, and wit
 (IEEE fp32, whatever OpenCLIP's TF32 switch says: ``knn.exact_fp32_matmul``); the neighbour lists and the
 scores come to the host once per step (the detectors are NumPy code).
 
-Global reference: each rank keeps its own share of the epoch's embeddings (CPU, float32), and at the
+Global and auto references: each rank keeps its own share of the epoch's embeddings (CPU, float32), and at the
 epoch end they are gathered to rank 0 only (``dist.gather_to_rank0``: raw bytes in bounded chunks
 through the gloo control group, so no GPU memory and no full copy on the other ranks). Rank 0 scores
 every sample against a random reference sample of ``--detect-reference-size`` pairs (or the whole
-epoch) and broadcasts the scores (``dist.broadcast_array``, again through gloo). Meanwhile the other
+epoch; ``auto``: ``safe-train detect``'s default, a seeded sample of ``min(N, 32768)`` images, so the in-loop
+and standalone scores of one model come from one rule) and broadcasts the scores (``dist.broadcast_array``,
+again through gloo). Holding the epoch costs ``N x 2d x 4`` bytes of host memory on rank 0 (10^6 x 128: 1 GiB;
+10^8: 100 GiB), which is why ``batch``, with no epoch state, is the default. Meanwhile the other
 ranks wait in that gloo broadcast, not in an NCCL collective, so NCCL's watchdog sees nothing pending;
 the wait is bounded by the control group's timeout (the run's ``--dist-timeout-minutes`` when the
 engine passes it to ``dist.init_control_group``; torch's gloo default, 30 minutes, otherwise): size
@@ -56,7 +59,7 @@ import torch
 
 from safe_train import dist
 from safe_train.detection.knn import BACKENDS, faiss_available
-from safe_train.detection.scores import batch_scores, global_scores, parse_detectors
+from safe_train.detection.scores import auto_reference_scores, batch_scores, global_scores, parse_detectors
 from safe_train.errors import ConfigError
 from safe_train.flags import FlagConfig, check, option
 from safe_train.interface import Callback, StepOutput, TrainContext
@@ -88,8 +91,10 @@ class DetectionConfig(FlagConfig):
                                "embeddings, no extra forward pass. auto: the rate-robust score, sparse + dense + "
                                "caption-mismatch evidence.", flag="--detect", type=str, metavar="NAMES")
     reference: str = option("batch", "batch: against the gathered global batch's images and captions (the paper's "
-                            "setting); global: at the epoch end, against the epoch's embeddings or a random reference "
-                            "sample (--detect-reference-size).", choices=("batch", "global"))
+                            "setting; no epoch state); global: at the epoch end, against the epoch's embeddings or a "
+                            "random reference sample (--detect-reference-size); auto: at the epoch end, against "
+                            "safe-train detect's default reference (a seeded sample of min(N, 32768) images).",
+                            choices=("batch", "global", "auto"))
     k: int | None = option(None, "Neighbourhood size for every detector (default: each detector's own, kdist/slof/dao "
                            "16, lid 64).", type=int, metavar="K")
     metric: str = option("l2", "Distance between (L2-normalised, as OpenCLIP's forward returns them) embeddings.",
@@ -213,7 +218,7 @@ class DetectionCallback(Callback):
         if image is None or text is None:
             return
         ids = step.sample_ids.cpu().numpy().astype(np.int64)
-        if self.reference == "global":
+        if self.reference != "batch":  # scored at the epoch end
             self._epoch_rows.append((ids, image.detach().float().cpu().numpy(), text.detach().float().cpu().numpy()))
             return
         with torch.no_grad():
@@ -258,9 +263,12 @@ class DetectionCallback(Callback):
             finite = np.isfinite(all_image[keep]).all(1) & np.isfinite(all_text[keep]).all(1)
             self._skip_non_finite(int((~finite).sum()), "samples with")
             keep = keep[finite]
-            scores = global_scores(all_image[keep], all_text[keep], self.detectors,
-                                   reference_size=self.reference_size, k=self.k, metric=self.metric, seed=self.seed,
-                                   **self._knn_kwargs(ctx))
+            common = dict(k=self.k, metric=self.metric, seed=self.seed, **self._knn_kwargs(ctx))
+            if self.reference == "auto":  # the standalone command's default, on the same rule
+                scores = auto_reference_scores(all_image[keep], all_text[keep], self.detectors, **common)
+            else:
+                scores = global_scores(all_image[keep], all_text[keep], self.detectors,
+                                       reference_size=self.reference_size, **common)
             result = (all_ids[keep], np.stack([scores[n].astype(np.float32) for n in self.detectors], axis=1))
         del all_ids, all_image, all_text
         if ctx.is_master and result is None:
@@ -278,7 +286,7 @@ class DetectionCallback(Callback):
     def on_epoch_end(self, ctx: TrainContext) -> None:
         if not self.active(ctx.epoch):
             return
-        if self.reference == "global":
+        if self.reference != "batch":
             self._global_epoch_scores(ctx)
         skipped = dist.all_reduce_int(self.skipped_non_finite)  # each rank counted its own (global: rank 0 all)
         if skipped:

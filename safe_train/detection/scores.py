@@ -218,6 +218,24 @@ def partitioned_scores(image: Array, text: Array, detectors: Sequence[str], *, b
     return _average(runs)
 
 
+AUTO_REFERENCE_PAIRS = 32768
+"""The ``auto`` reference (``safe-train detect``'s default, ``--detect-reference auto`` in training): a random
+sample of at most this many images (the whole set below it), no captions (templated captions are near-duplicates
+of each other and blur the density estimate). The kNN costs ``N x min(N, 32768)`` distances, and a cluster of
+``C`` poisons keeps ``C x 32768 / N`` members in it."""
+
+
+def auto_reference_size(n: int) -> int:
+    """How many pairs the ``auto`` reference sample holds (all of them up to ``AUTO_REFERENCE_PAIRS``)."""
+    return min(int(n), AUTO_REFERENCE_PAIRS)
+
+
+def auto_reference_scores(image: Array, text: Array, detectors: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray]:
+    """Every image against the ``auto`` reference: one rule for the standalone command and the in-loop callback."""
+    return global_scores(image, text, detectors, reference_size=auto_reference_size(len(image)), with_text=False,
+                         **kwargs)
+
+
 def global_scores(image: Array, text: Array, detectors: Sequence[str], *, reference_size: int | None = None,
                   repeats: int = 1, with_text: bool = True, k: int | None = None, metric: str = "l2",
                   seed: int = 0, **knn_kwargs: Any) -> dict[str, np.ndarray]:
