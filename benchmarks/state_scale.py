@@ -241,7 +241,25 @@ def measure_unique(n: int) -> dict:
     return {"numpy": numpy_s, "ours": ours_s}
 
 
-MEASURES = {"register": measure_register, "record": measure_record, "split": measure_split,
+def measure_topr(n: int) -> dict:
+    """SafeCLIP's top-r step: a stable descending argsort (before) against the partition-based
+    ``top_count_mask`` (now), same posteriors (float32, with ties), same mask."""
+    from safe_train.defenses.safeclip import top_count_mask
+
+    posterior = np.round(np.random.default_rng(4).random(n, dtype=np.float32), 4)  # GMM posteriors tie often
+    count = int(0.85 * n)
+    start = time.perf_counter()
+    expected = np.zeros(n, dtype=bool)
+    expected[np.argsort(-posterior, kind="stable")[:count]] = True
+    sort_s = time.perf_counter() - start
+    start = time.perf_counter()
+    got = top_count_mask(posterior, count)
+    ours_s = time.perf_counter() - start
+    assert np.array_equal(expected, got)
+    return {"argsort": sort_s, "ours": ours_s}
+
+
+MEASURES = {"register": measure_register, "topr": measure_topr, "record": measure_record, "split": measure_split,
             "saveload": measure_saveload, "unique": measure_unique,
             "register2": lambda n: measure_ranks(n, "register"), "record2": lambda n: measure_ranks(n, "record")}
 
@@ -309,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             emit(f"  {n:>12,d}: np.unique {r['numpy']:8.2f} s   unique_ids {r['ours']:6.2f} s   "
                  f"({r['numpy'] / max(r['ours'], 1e-9):.0f}x)")
+    emit()
+    emit("SafeCLIP top-r (85% of N): stable argsort vs partition-based top_count_mask (same mask):")
+    for n in ([10**6] if args.quick else [n for n in (10**6, 10**7, 10**8) if n <= args.max_n]):
+        r = _run_child("topr", n, args.timeout)
+        if "error" in r:
+            emit(f"  {n:>12,d}: failed: {r['error']}")
+        else:
+            emit(f"  {n:>12,d}: argsort {r['argsort']:8.2f} s   top_count_mask {r['ours']:6.2f} s   "
+                 f"({r['argsort'] / max(r['ours'], 1e-9):.0f}x)")
     emit()
     header = (f"{'step':<50} {'ranks':>5} {'N':>12} {'seconds':>8} {'peak RSS':>9} {'B/sample':>9} "
               f"{'time/goal':>9} {'mem/goal':>8}  note")

@@ -42,6 +42,12 @@ def test_mixture_separates_known_components():
     assert params["stds"][0] == pytest.approx(0.03, abs=0.01) and params["weights"][0] == pytest.approx(0.1, abs=0.01)
     safe = choose_safe(posterior, None, 0.9)
     np.testing.assert_array_equal(safe, np.arange(1000) >= 900)  # exactly the high component
+    # the closed-form posterior is scikit-learn's predict_proba of the same fit (the original's computation)
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(n_components=2, random_state=0).fit(similarity.reshape(-1, 1))
+    reference = gmm.predict_proba(similarity.reshape(-1, 1))[:, int(np.argmax(gmm.means_.ravel()))]
+    np.testing.assert_allclose(posterior, reference, rtol=0, atol=1e-6)
     # a subset fit (large-N path) gives the same decision
     posterior_sub, _ = fit_similarity_mixture(similarity, max_fit_samples=300, seed=3)
     np.testing.assert_array_equal(choose_safe(posterior_sub, None, 0.9), safe)
@@ -52,6 +58,21 @@ def test_choose_safe_top_ratio_is_deterministic_on_ties():
     np.testing.assert_array_equal(choose_safe(posterior, 0.5, 0.9), [False, True, True, False, True, False])
     np.testing.assert_array_equal(choose_safe(posterior, 0.34, 0.9), [False, True, True, False, False, False])
     assert not choose_safe(posterior, 0.0, 0.9).any()
+
+
+def test_top_count_mask_is_a_stable_descending_argsort():
+    """The O(N) partition picks exactly what a stable descending argsort would: ties and NaN (last) by position."""
+    from safe_train.defenses.safeclip import top_count_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 30))
+        values = rng.integers(0, 4, n).astype(np.float32)  # many ties
+        values[rng.random(n) < 0.2] = np.nan
+        for count in (-1, 0, 1, n // 2, n - 1, n, n + 1):
+            expected = np.zeros(n, dtype=bool)
+            expected[np.argsort(-values, kind="stable")[:max(count, 0)]] = True
+            np.testing.assert_array_equal(top_count_mask(values, count), expected)
 
 
 def _fake_ctx(n: int, epochs: int = 10) -> TrainContext:

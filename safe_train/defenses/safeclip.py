@@ -189,6 +189,7 @@ def fit_similarity_mixture(similarity: np.ndarray, max_fit_samples: int = 1_000_
     ``max_fit_samples`` it is fitted on a seeded random subset (a 1-D fit needs no more) and the
     posteriors are computed for every sample in chunks; the result depends only on the inputs.
     """
+    from scipy.special import expit
     from sklearn.mixture import GaussianMixture
 
     values = np.asarray(similarity, dtype=np.float64).reshape(-1, 1)
@@ -198,11 +199,19 @@ def fit_similarity_mixture(similarity: np.ndarray, max_fit_samples: int = 1_000_
         fit_values = values[np.sort(rng.choice(len(values), size=max_fit_samples, replace=False))]
     gmm = GaussianMixture(n_components=2, random_state=0).fit(fit_values)
     high = int(np.argmax(gmm.means_.reshape(-1)))
+    means, variances, weights = gmm.means_.reshape(-1), gmm.covariances_.reshape(-1), gmm.weights_
+    # the posterior in closed form, expit(log p_high(x) - log p_low(x)): predict_proba's value (to ~1e-7) at a
+    # tenth of its cost, which dominated the split at 10^8 samples (benchmarks/state_scale.py)
+    log_norm = np.log(weights) - 0.5 * np.log(2 * np.pi * variances)
+    low = 1 - high
     posterior = np.empty(len(values), dtype=np.float32)
     chunk = 4_000_000
     for start in range(0, len(values), chunk):
-        posterior[start:start + chunk] = gmm.predict_proba(values[start:start + chunk])[:, high]
-    order = [high, 1 - high]
+        x = values[start:start + chunk, 0]
+        margin = (log_norm[high] - log_norm[low] - (x - means[high]) ** 2 / (2 * variances[high])
+                  + (x - means[low]) ** 2 / (2 * variances[low]))
+        posterior[start:start + chunk] = expit(margin)
+    order = [high, low]
     params = {
         "means": [float(gmm.means_.reshape(-1)[i]) for i in order],
         "stds": [float(math.sqrt(gmm.covariances_.reshape(-1)[i])) for i in order],
@@ -255,10 +264,30 @@ def choose_safe(posterior: np.ndarray, ratio: float | None, threshold: float) ->
     if ratio is None:
         return posterior >= threshold
     count = int(math.floor(ratio * len(posterior) + 1e-9))
-    safe = np.zeros(len(posterior), dtype=bool)
-    if count > 0:
-        order = np.argsort(-posterior, kind="stable")
-        safe[order[:count]] = True
+    return top_count_mask(posterior, count)
+
+
+def top_count_mask(values: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` largest ``values`` as a mask, ties (and NaN, ranked last) taken in position order: what a
+    stable descending argsort would pick, in O(N) (a partition, not a sort: 10^8 posteriors in about a second)."""
+    n = len(values)
+    safe = np.zeros(n, dtype=bool)
+    if count <= 0:
+        return safe
+    if count >= n:
+        safe[:] = True
+        return safe
+    values = np.asarray(values)
+    finite = ~np.isnan(values)
+    n_finite = int(finite.sum())
+    if count >= n_finite:  # every number, then the first NaNs by position
+        safe[finite] = True
+        safe[np.flatnonzero(~finite)[: count - n_finite]] = True
+        return safe
+    kth = np.partition(values[finite] if n_finite < n else values, n_finite - count)[n_finite - count]
+    np.greater(values, kth, out=safe)
+    missing = count - int(safe.sum())
+    safe[np.flatnonzero(values == kth)[:missing]] = True
     return safe
 
 
