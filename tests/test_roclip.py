@@ -73,6 +73,9 @@ def test_plain_epochs_train_openclips_clip_loss():
     assert [defense.plan_epoch(None, e)[0].mode for e in range(5)] == ["roclip", "clip", "roclip", "clip", "roclip"]
     every3 = RoClip(RoClipConfig(every=3))
     assert [every3.is_roclip_epoch(e) for e in range(7)] == [True, False, False, True, False, False, True]
+    later = RoClip(RoClipConfig(every=2, first_epoch=1))  # plain CLIP first, then every 2nd epoch
+    assert [later.plan_epoch(None, e)[0].mode for e in range(6)] == ["clip", "roclip", "clip", "roclip", "clip",
+                                                                    "roclip"]
 
 
 def test_nearest_captions_come_from_the_pool_read_before_the_enqueue():
@@ -118,6 +121,8 @@ def test_pool_is_a_fifo_that_rejects_non_finite_rows_and_round_trips():
 def test_bad_flags_are_one_clear_error(csv_64, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--roclip-pool-size must be >= 1"):
         RoClipConfig(pool_size=0)
+    with pytest.raises(ConfigError, match="--roclip-first-epoch must be >= 0"):
+        RoClipConfig(first_epoch=-1).validate()
     with pytest.raises(ConfigError, match="--roclip-every must be >= 1"):
         RoClipConfig(every=0)
     flags = train_flags(csv_64, tmp_path, "bad", extra=["--defense", "roclip", "--roclip-pool-size", "0",

@@ -208,8 +208,11 @@ class RoClipConfig(FlagConfig):
 
     pool_size: int = option(21845, "Caption pool: how many past (gathered) caption embeddings the images of a RoCLIP "
                             "epoch are matched against.", metavar="N")
-    every: int = option(2, "RoCLIP epochs are the epochs divisible by K (0, K, 2K, ...); the others train the plain "
-                        "CLIP loss. 1 = every epoch.", metavar="K")
+    every: int = option(2, "RoCLIP epochs are every K-th epoch from --roclip-first-epoch (F, F+K, F+2K, ...); the "
+                        "others train the plain CLIP loss. 1 = every epoch.", metavar="K")
+    first_epoch: int = option(0, "The first RoCLIP epoch (0-based; the original: 0). From scratch, epoch 0's image "
+                              "tower and caption pool are random, so its nearest captions carry no content; F >= 1 "
+                              "lets plain CLIP epochs come first (not in the original).", metavar="F")
     augment: bool = option(False, "The original's cross_aug: train on a fresh SimCLR-style view of each image and an "
                            "EDA caption fixed per sample (the raw pair is never trained on); needs WordNet.")
     crop_min_scale: float = option(0.08, "With --roclip-augment: smallest area share of the view's random resized crop "
@@ -223,6 +226,8 @@ class RoClipConfig(FlagConfig):
             problems.append(f"--roclip-pool-size must be >= 1 (got {self.pool_size})")
         if self.every < 1:
             problems.append(f"--roclip-every must be >= 1 (got {self.every}; 1 = every epoch is a RoCLIP epoch)")
+        if self.first_epoch < 0:
+            problems.append(f"--roclip-first-epoch must be >= 0 (got {self.first_epoch})")
         if not 0.0 < self.crop_min_scale <= 1.0:
             problems.append(f"--roclip-crop-min-scale must be in (0, 1] (got {self.crop_min_scale})")
         if not 0.0 <= self.eda_alpha <= 1.0:
@@ -250,7 +255,8 @@ class RoClip(Defense):
         self._eda: EdaAugmenter | None = None
 
     def is_roclip_epoch(self, epoch: int) -> bool:
-        return epoch % self.config.every == 0
+        first = self.config.first_epoch
+        return epoch >= first and (epoch - first) % self.config.every == 0
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
