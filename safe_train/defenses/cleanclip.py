@@ -105,7 +105,7 @@ class CleanClipTransform:
         text = self.tokenizer([caption])[0]
         if not self.with_views:
             return {"image": self.preprocess(image), "text": text}
-        with private_global_rngs() as seed_all:
+        with private_global_rngs(numpy=False) as seed_all:  # its transforms draw from torch and random
             seed_all(self.image_seed(sample_id, 0))
             original = self.preprocess(image)
             seed_all(self.image_seed(sample_id, 1))

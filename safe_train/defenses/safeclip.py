@@ -156,7 +156,7 @@ class SafeClipTransform:
         image = image.convert("RGB")
         views = self._makes_views(sample_id)
         out: dict[str, torch.Tensor] = {}
-        with private_global_rngs() as seed_all:
+        with private_global_rngs(numpy=False) as seed_all:  # its transforms draw from torch and random
             if "raw_image" in self.outputs:
                 seed_all(self.image_seed(sample_id, 2))
                 out["raw_image"] = self.raw_preprocess(image)
