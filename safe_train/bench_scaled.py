@@ -314,10 +314,18 @@ class Cell:
     rate: float
     defense: str
     seed: int
+    trigger: str = ""  # "" with the attack's default parameters, else their tag, e.g. "-strength3.0" (trigger_tag)
 
     @property
     def name(self) -> str:
-        return f"{self.attack}-rate{self.rate:g}-{self.defense}-seed{self.seed}"
+        return f"{self.attack}{self.trigger}-rate{self.rate:g}-{self.defense}-seed{self.seed}"
+
+
+def trigger_tag(attack: str, params: dict[str, Any]) -> str:
+    """``""`` for the attack's default trigger, else e.g. ``"-strength3.0"``: runs of another trigger (given with
+    ``--attack-param``) get cells, run folders and cached results of their own instead of replacing the default's."""
+    changed = {k: v for k, v in sorted(params.items()) if SCENE_ATTACKS[attack].get(k, object()) != v}
+    return "".join(f"-{k}{v}" for k, v in changed.items())
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -697,7 +705,8 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     # none at every rate first: it is the baseline, the finetuning start, the cleaning rows' detector, and it
     # decides the defenses' rates
     needs_none = "none" in defenses or bool(finetuners) or bool(cleaners)
-    plan = [Cell(a, r, "none", s) for a in attacks for r in rates for s in seeds] if needs_none else []
+    tags = {a: trigger_tag(a, params[a]) for a in attacks}
+    plan = [Cell(a, r, "none", s, tags[a]) for a in attacks for r in rates for s in seeds] if needs_none else []
     rows: list[dict[str, Any]] = []
     done = 0
 
@@ -713,7 +722,7 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     none_rows = [run(c, total) for c in plan]
     if "none" in defenses:
         rows += none_rows
-    later = [Cell(a, r, d, s) for a in attacks
+    later = [Cell(a, r, d, s, tags[a]) for a in attacks
              for r in (defense_rates(opts.defense_rates, rates, none_rows, a)
                        if needs_none or opts.defense_rates != "auto" else rates)
              for d in others for s in seeds]

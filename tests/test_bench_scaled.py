@@ -139,6 +139,15 @@ def test_defenses_run_at_the_lowest_learned_rate_and_the_highest():
         bench_scaled.defense_rates("2", rates, rows, "badnets")
 
 
+def test_a_non_default_trigger_gets_cells_of_its_own():
+    """--attack-param runs are cached apart from the default trigger's (a changed trigger never replaces them)."""
+    assert bench_scaled.trigger_tag("wanet", dict(bench_scaled.SCENE_ATTACKS["wanet"])) == ""
+    assert bench_scaled.trigger_tag("wanet", {"strength": 3.0}) == "-strength3.0"
+    default = bench_scaled.Cell("wanet", 0.01, "none", 0)
+    stronger = bench_scaled.Cell("wanet", 0.01, "none", 0, bench_scaled.trigger_tag("wanet", {"strength": 3.0}))
+    assert default.name == "wanet-rate0.01-none-seed0" and stronger.name == "wanet-strength3.0-rate0.01-none-seed0"
+
+
 def test_retrieval_pairs_have_distinct_captions():
     scenes = [("a.png", "a red one.", [1]), ("b.png", "a red one.", [1]), ("c.png", "a two.", [2]),
               ("d.png", "a three.", [3]), ("e.png", "a two.", [2])]
