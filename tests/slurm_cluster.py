@@ -169,7 +169,14 @@ class SlurmCluster:
 
     def release(self, job_id: str) -> bool:
         """A requeued job waits about 2 minutes (Reason=BeginTime) so that its previous start can finish
-        cleaning up; start it now if that start has left no process behind. Returns whether it did."""
+        cleaning up; start it now if that start has left no process behind. Returns whether it did.
+
+        slurmd revokes the previous start's credential with a timestamp in whole seconds and refuses a new
+        credential of the same second ("Job credential revoked": the job then FAILS), so the release waits
+        until a later second than the one in which the last process went away (seen under load)."""
+        if self.leftovers(job_id):
+            return False
+        time.sleep(2.0)
         if self.leftovers(job_id):
             return False
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
