@@ -319,24 +319,23 @@ def main(argv: list[str] | None = None) -> int:
          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     emit(f"command: python benchmarks/state_scale.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     emit()
-    emit("np.unique vs sort-based unique_ids (random int64):")
-    for n in ([2 * 10**6] if args.quick else [2 * 10**6, 2 * 10**7]):
-        r = _run_child("unique", n, args.timeout)
-        if "error" in r:
-            emit(f"  {n:>12,d}: failed: {r['error']}")
-        else:
-            emit(f"  {n:>12,d}: np.unique {r['numpy']:8.2f} s   unique_ids {r['ours']:6.2f} s   "
-                 f"({r['numpy'] / max(r['ours'], 1e-9):.0f}x)")
-    emit()
-    emit("SafeCLIP top-r (85% of N): stable argsort vs partition-based top_count_mask (same mask):")
-    for n in ([10**6] if args.quick else [n for n in (10**6, 10**7, 10**8) if n <= args.max_n]):
-        r = _run_child("topr", n, args.timeout)
-        if "error" in r:
-            emit(f"  {n:>12,d}: failed: {r['error']}")
-        else:
-            emit(f"  {n:>12,d}: argsort {r['argsort']:8.2f} s   top_count_mask {r['ours']:6.2f} s   "
-                 f"({r['argsort'] / max(r['ours'], 1e-9):.0f}x)")
-    emit()
+    def side_by_side(title: str, key: str, before: tuple[str, str], ns: list[int]) -> None:
+        """One child per N: the old way (``before``: result key, label) against ours, and their ratio."""
+        emit(title)
+        for n in ns:
+            r = _run_child(key, n, args.timeout)
+            if "error" in r:
+                emit(f"  {n:>12,d}: failed: {r['error']}")
+            else:
+                emit(f"  {n:>12,d}: {before[1]} {r[before[0]]:8.2f} s   ours {r['ours']:6.2f} s   "
+                     f"({r[before[0]] / max(r['ours'], 1e-9):.0f}x)")
+        emit()
+
+    side_by_side("np.unique vs sort-based unique_ids (random int64):", "unique", ("numpy", "np.unique"),
+                 [2 * 10**6] if args.quick else [2 * 10**6, 2 * 10**7])
+    side_by_side("SafeCLIP top-r (85% of N): stable argsort vs partition-based top_count_mask (same mask):", "topr",
+                 ("argsort", "argsort"),
+                 [10**6] if args.quick else [n for n in (10**6, 10**7, 10**8) if n <= args.max_n])
     header = (f"{'step':<50} {'ranks':>5} {'N':>12} {'seconds':>8} {'peak RSS':>9} {'B/sample':>9} "
               f"{'time/goal':>9} {'mem/goal':>8}  note")
     emit(header)
