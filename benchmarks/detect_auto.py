@@ -2,6 +2,7 @@
 
     python benchmarks/detect_auto.py --runs /work/bench_medium/runs --cache /work/exp16/emb \\
         [--emulate 10,30] [--backend faiss] [--out detect_auto.json]
+    python benchmarks/detect_auto.py --summarize res_*.json      # mean ± SE over seeds, a Markdown table
 
 For every ``none`` run under ``--runs`` whose ``params.txt`` names a poisoned training CSV (its manifest beside
 it), it embeds the training set once with the run's last checkpoint (``safe_train.detect.embed``: eval mode,
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +72,55 @@ def score_all(image: np.ndarray, text: np.ndarray, backend: str) -> dict[str, np
     return out
 
 
+_RUN = re.compile(r"(?P<scale>[a-z]+)-(?P<split>test|val)-(?P<attack>.+)-rate(?P<rate>[0-9.e-]+)-none-seed(?P<seed>\d+)")
+
+
+def summarize(results: list[dict], cells: Path | None = None,
+              settings: tuple[str, ...] = ("auto", "paper-slof", "paper-dao", "global-kdist")) -> str:
+    """One Markdown row per (attack, rate): each setting's AUROC as mean ± SE over the seeds (SE = sample
+    standard deviation / sqrt(n); "—" with one seed), and how many seeds reach 0.98; with ``cells`` (the bench's
+    cell folder) also the `none` run's mean ASR, which says whether the goal applies (learned: ASR >= 80%).
+    Emulated cases are left out."""
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for result in results:
+        match = _RUN.fullmatch(result["run"])
+        if match is None or result.get("emulated_poisons") is not None:
+            continue
+        groups[(match["attack"], float(match["rate"]))].append(result)
+    lines = ["| attack | rate | seeds | `none` ASR | " + " | ".join(f"{s} AUROC" for s in settings)
+             + " | auto ≥ 0.98 |", "|---|---:|---:|---:|" + "---:|" * len(settings) + "---:|"]
+    for (attack, rate), members in sorted(groups.items()):
+        cells_text = []
+        for setting in settings:
+            values = np.array([m["metrics"][setting]["auroc"] for m in members])
+            se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else None
+            cells_text.append(f"{values.mean():.3f} ± {'—' if se is None else f'{se:.3f}'}")
+        passed = sum(m["metrics"]["auto"]["auroc"] >= 0.98 for m in members)
+        asr = [json.loads(path.read_text())["asr"] for m in members
+               if cells is not None and (path := cells / f"{m['run']}.json").exists()]
+        shown = f"{100 * np.mean(asr):.1f}%" if len(asr) == len(members) else "—"
+        lines.append(f"| {attack} | {100 * rate:g}% | {len(members)} | {shown} | " + " | ".join(cells_text)
+                     + f" | {passed} of {len(members)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", required=True, type=Path)
-    p.add_argument("--cache", required=True, type=Path)
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="Only print the mean ± SE table of earlier --out files (one per run or several).")
+    p.add_argument("--cells", type=Path, help="With --summarize: the bench's cells/ folder, for `none`'s ASR.")
+    p.add_argument("--runs", type=Path)
+    p.add_argument("--cache", type=Path)
     p.add_argument("--only", default=None, help="Comma-separated run names (default: every `none` run).")
     p.add_argument("--emulate", default="", help="Comma-separated poison counts to emulate by subsampling.")
     p.add_argument("--backend", default="torch", choices=("torch", "faiss"))
     p.add_argument("--out", default=None, type=Path)
     args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize([r for path in args.summarize for r in json.loads(path.read_text())], args.cells))
+        return 0
+    if args.runs is None or args.cache is None:
+        p.error("--runs and --cache are required (or --summarize)")
     runs = sorted(r for r in args.runs.iterdir() if r.is_dir() and "-none-" in r.name and (r / "params.txt").exists())
     if args.only:
         runs = [r for r in runs if r.name in args.only.split(",")]

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint (trained first when not listed).")
     p.add_argument("--poison-rate", type=float, default=0.01,
                    help="small: fraction of training pairs poisoned (0.01 = 40 of 4,000); scaled: see --poison-rates.")
-    p.add_argument("--seeds", default="0", help="Comma-separated seeds (data split, captions, poison choice, init).")
+    p.add_argument("--seeds", default=None,
+                   help="Comma-separated seeds (data split, captions, poison choice, init). Default: 0; scaled "
+                        "validation split: 100 (its seeds are 100 and above, the test split's below 100, so no "
+                        "recipe is chosen on a test seed's training set).")
     p.add_argument("--finetune-per-class", type=int, default=None,
                    help="Clean held-out pairs per class for the finetuning rows (default 40; more are taken from "
                         "the training pairs, the test images stay; the finetuning rows keep their number of steps).")
@@ -173,7 +176,7 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     out.mkdir(parents=True, exist_ok=True)
     attacks = [a for a in opts.attacks.split(",") if a]
     entries = [d for d in opts.defenses.split(",") if d]
-    seeds = [int(s) for s in opts.seeds.split(",") if s]
+    seeds = [int(s) for s in (opts.seeds or "0").split(",") if s]
     unknown = [a for a in attacks if a not in ATTACK_DEFAULTS] + [d for d in entries if d not in BENCH_ENTRIES]
     if unknown:
         raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(ATTACK_DEFAULTS)}, "

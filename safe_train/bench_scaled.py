@@ -102,6 +102,9 @@ SCALED_DEFENSES = ("none", "safeclip", "cleanclip", "cleanclip-clip-only")
 SCALED_ENTRIES: dict[str, BenchEntry] = {**BENCH_ENTRIES, **CLEANING_ENTRIES}
 DEFAULT_RATES = (0.0005, 0.001, 0.0025, 0.01)
 SPLIT_DIRS = {"validation": "val", "test": "test"}  # bench_stats' split names -> the corpus's
+# A seed builds the corpus (its training pairs) and the poison choice; the split only picks the held-out images.
+# So a validation run on a test seed trains on that test cell's very data: the two splits' seeds are disjoint.
+VALIDATION_SEEDS_FROM = 100
 LEARNED_ASR = 0.8
 
 
@@ -650,13 +653,38 @@ def defense_rates(policy: str, rates: Sequence[float], none_rows: Sequence[dict[
     return sorted({max(rates), *([learned] if learned is not None else [])})
 
 
+def split_seeds(split: str, text: str | None) -> list[int]:
+    """The seeds of one split: validation 100 and above (default 100), test below 100 (default 0).
+
+    A seed fixes the training set, so a recipe or threshold chosen on validation seed 0 would be chosen on
+    test seed 0's training pairs and judged on them again."""
+    if not text:
+        return [VALIDATION_SEEDS_FROM if split == "validation" else 0]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated whole numbers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    if split == "validation":
+        clash = [s for s in seeds if s < VALIDATION_SEEDS_FROM]
+        where = f"seeds {VALIDATION_SEEDS_FROM} and above"
+    else:
+        clash = [s for s in seeds if s >= VALIDATION_SEEDS_FROM]
+        where = f"seeds below {VALIDATION_SEEDS_FROM}"
+    if clash:
+        raise ConfigError(f"--split {split} takes {where}, got {clash}: a seed fixes the training pairs, so the "
+                          f"validation and test splits use disjoint seeds (validation from {VALIDATION_SEEDS_FROM})")
+    return seeds
+
+
 def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     """Run (or reuse) every cell of the plan; write the table and plots; return the rows and the results folder."""
     spec = scale_spec(opts)
     split_dir = SPLIT_DIRS[opts.split]
     attacks = [a for a in opts.attacks.split(",") if a] if opts.attacks else list(SCENE_ATTACKS)
     defenses = [d for d in opts.defenses.split(",") if d] if opts.defenses else list(SCALED_DEFENSES)
-    seeds = [int(s) for s in opts.seeds.split(",") if s]
+    seeds = split_seeds(opts.split, opts.seeds)
     rates = _rates(opts.poison_rates)
     entries = scaled_entries(opts)
     unknown = [a for a in attacks if a not in SCENE_ATTACKS] + [d for d in defenses if d not in entries]

@@ -26,7 +26,7 @@ def test_tiny_sweep_end_to_end_then_resumes_from_its_cells(tmp_path):
     nothing."""
     cmd = [sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path), "--attacks",
            "badnets,targeted", "--defenses", "none,cleanclip,clip-only-variant", "--poison-rates", "0.01",
-           "--seeds", "0", "--train-pairs", "1300", "--finetune-epochs", "1", "--threads", "2",
+           "--seeds", "100", "--train-pairs", "1300", "--finetune-epochs", "1", "--threads", "2",
            "--split", "validation", "--row", "clip-only-variant=cleanclip:--cleanclip-ss-weight 0"]
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -107,7 +107,11 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
                            (["--row", "none=safeclip:--lr 1"], "--row 'none' is already a row"),
                            (["--row", "x=zzz:--lr 1"], "--row x: unknown base row 'zzz'"),
                            (["--row", "x=none"], "--row must look like NAME=BASE:--flag value"),
-                           (["--defenses", "cap85"], "unknown attack/defense ['cap85']")):
+                           (["--defenses", "cap85"], "unknown attack/defense ['cap85']"),
+                           (["--split", "validation", "--seeds", "100,0"],
+                            "--split validation takes seeds 100 and above, got [0]"),
+                           (["--seeds", "1,100"], "--split test takes seeds below 100, got [100]"),
+                           (["--seeds", "1,x"], "--seeds must be comma-separated whole numbers, got '1,x'")):
         try:
             code = bench.main(["--scale", "tiny", "--out", str(tmp_path), *extra])
         except SystemExit as e:  # argparse's own errors
@@ -115,6 +119,17 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err, err
         assert "Traceback" not in err
+
+
+def test_validation_and_test_seeds_are_disjoint_and_default_per_split():
+    """A seed fixes the training pairs: validation seed 0 would choose a recipe on test seed 0's data."""
+    from safe_train.bench_scaled import VALIDATION_SEEDS_FROM, split_seeds
+
+    assert split_seeds("test", None) == [0] and split_seeds("validation", None) == [VALIDATION_SEEDS_FROM]
+    assert split_seeds("test", "0,1,2") == [0, 1, 2] and split_seeds("validation", "100,101,102") == [100, 101, 102]
+    for split, text in (("test", "99,100"), ("validation", "99")):
+        with pytest.raises(ConfigError, match="disjoint seeds"):
+            split_seeds(split, text)
 
 
 def _none_row(attack, rate, seed, asr=None, targeted=None):

@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
+import detect_auto  # noqa: E402
 import detect_global_scale  # noqa: E402
 import detect_overhead  # noqa: E402
 import detect_throughput  # noqa: E402
@@ -119,3 +120,29 @@ def test_throughput_refuses_unknown_variants() -> None:
         detect_throughput.check_variants(["faiss-fp32"])
     with pytest.raises(SystemExit):
         detect_throughput.check_variants(["annoy"])
+
+
+def test_auto_summary_is_mean_and_standard_error_over_seeds(tmp_path: Path) -> None:
+    """The per-(attack, rate) table: AUROC mean ± sample-SD/sqrt(n) over seeds, the seeds at >= 0.98, none's ASR."""
+    def result(run: str, auto: float, slof: float, emulated: int | None = None) -> dict:
+        metrics = {name: {"auroc": value, "pr_auc": 0.5, "fpr95": 0.1}
+                   for name, value in (("auto", auto), ("paper-slof", slof), ("paper-dao", 0.5), ("global-kdist", 0.6))}
+        return {"run": run, "emulated_poisons": emulated, "metrics": metrics}
+
+    results = [result("medium-test-badnets-rate0.01-none-seed0", 0.976, 0.86),
+               result("medium-test-badnets-rate0.01-none-seed1", 1.0, 0.96),
+               result("medium-test-badnets-rate0.01-none-seed2", 0.999, 0.92),
+               result("medium-test-badnets-rate0.01-none-seed0", 0.5, 0.5, emulated=10),  # left out
+               result("medium-test-wanet-strength3.0-rate0.0025-none-seed0", 0.64, 0.48)]
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for seed, asr in enumerate((0.999, 1.0, 1.0)):
+        (cells / f"medium-test-badnets-rate0.01-none-seed{seed}.json").write_text(f'{{"asr": {asr}}}')
+    table = detect_auto.summarize(results, cells).splitlines()
+    values = np.array([0.976, 1.0, 0.999])
+    se = values.std(ddof=1) / np.sqrt(3)
+    badnets = next(line for line in table if line.startswith("| badnets "))
+    assert badnets.startswith(f"| badnets | 1% | 3 | 100.0% | {values.mean():.3f} ± {se:.3f} | 0.913 ± ")
+    assert badnets.endswith("| 2 of 3 |")
+    wanet = next(line for line in table if line.startswith("| wanet-strength3.0 "))
+    assert wanet == "| wanet-strength3.0 | 0.25% | 1 | — | 0.640 ± — | 0.480 ± — | 0.500 ± — | 0.600 ± — | 0 of 1 |"
