@@ -37,7 +37,7 @@ from safe_train.bench_runs import (
     sha256,
     shared_default,
 )
-from safe_train.bench_scaled import SCALED_DEFENSES, SCALES, SCENE_ATTACKS
+from safe_train.bench_scaled import SCALED_DEFENSES, SCALES, SCENE_ATTACKS, parse_seeds
 from safe_train.bench_scaled import add_arguments as add_scaled_arguments
 from safe_train.bench_scaled import main as run_scaled_cli
 from safe_train.errors import ConfigError, SafeTrainError, report
@@ -176,7 +176,7 @@ def run_benchmark(opts: argparse.Namespace) -> list[RunResult]:
     out.mkdir(parents=True, exist_ok=True)
     attacks = [a for a in opts.attacks.split(",") if a]
     entries = [d for d in opts.defenses.split(",") if d]
-    seeds = [int(s) for s in (opts.seeds or "0").split(",") if s]
+    seeds = parse_seeds(opts.seeds or "0")
     unknown = [a for a in attacks if a not in ATTACK_DEFAULTS] + [d for d in entries if d not in BENCH_ENTRIES]
     if unknown:
         raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(ATTACK_DEFAULTS)}, "

@@ -653,6 +653,17 @@ def defense_rates(policy: str, rates: Sequence[float], none_rows: Sequence[dict[
     return sorted({max(rates), *([learned] if learned is not None else [])})
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` → [0, 1, 2]; anything else is one ConfigError."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated whole numbers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    return seeds
+
+
 def split_seeds(split: str, text: str | None) -> list[int]:
     """The seeds of one split: validation 100 and above (default 100), test below 100 (default 0).
 
@@ -660,12 +671,7 @@ def split_seeds(split: str, text: str | None) -> list[int]:
     test seed 0's training pairs and judged on them again."""
     if not text:
         return [VALIDATION_SEEDS_FROM if split == "validation" else 0]
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated whole numbers, got {text!r}") from None
-    if not seeds:
-        raise ConfigError("--seeds is empty")
+    seeds = parse_seeds(text)
     if split == "validation":
         clash = [s for s in seeds if s < VALIDATION_SEEDS_FROM]
         where = f"seeds {VALIDATION_SEEDS_FROM} and above"

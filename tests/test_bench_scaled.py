@@ -111,7 +111,9 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
                            (["--split", "validation", "--seeds", "100,0"],
                             "--split validation takes seeds 100 and above, got [0]"),
                            (["--seeds", "1,100"], "--split test takes seeds below 100, got [100]"),
-                           (["--seeds", "1,x"], "--seeds must be comma-separated whole numbers, got '1,x'")):
+                           (["--seeds", "1,x"], "--seeds must be comma-separated whole numbers, got '1,x'"),
+                           (["--scale", "small", "--seeds", "0,x"],
+                            "--seeds must be comma-separated whole numbers, got '0,x'")):
         try:
             code = bench.main(["--scale", "tiny", "--out", str(tmp_path), *extra])
         except SystemExit as e:  # argparse's own errors
