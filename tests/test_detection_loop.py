@@ -129,6 +129,18 @@ def test_in_loop_global_reference(poisoned_csv, tmp_path):
     assert "detect_dao_auroc" in (tmp_path / "g" / "out.log").read_text()
 
 
+def test_in_loop_auto_reference_reads_the_real_image_tower(poisoned_csv, tmp_path):
+    """A real OpenCLIP model: every step's tower output is caught (no step falls back to normalised features)."""
+    train, manifest = poisoned_csv
+    flags = train_flags(train, tmp_path, "a", epochs=1, batch_size=16, extra=[
+        "--detect", "auto", "--detect-reference", "auto", "--detect-manifest", str(manifest)])
+    assert run_safe_train(flags) == 0
+    table = load_table(tmp_path / "a", 1)
+    assert len(table) == 64 and np.isfinite(table["score_auto"]).all()
+    log_text = (tmp_path / "a" / "out.log").read_text()
+    assert "detect_normalised_steps: 0" in log_text and "detect_auto_auroc" in log_text
+
+
 def test_in_loop_auto_reference_is_the_standalone_rule(monkeypatch):
     """``--detect-reference auto`` scores the epoch exactly as ``safe-train detect``'s default reference does
     (a seeded sample of min(N, 32768) images, no captions): fed the same embeddings, the scores are identical;
@@ -166,6 +178,72 @@ def test_in_loop_auto_reference_is_the_standalone_rule(monkeypatch):
     for name in ("auto", "kdist"):
         np.testing.assert_array_equal(ctx.table.get(f"score_{name}", ids), expected[name].astype(np.float32))
     assert not np.allclose(expected["auto"], whole["auto"])  # 40 of 96: a sample, not the whole epoch
+
+
+def test_in_loop_auto_reference_scores_the_image_towers_unnormalised_output():
+    """The forward returns normalised features; ``--detect-reference auto`` scores what the image tower output
+    (``encode_image(normalize=False)``, as ``safe-train detect``), caught by a hook on ``model.visual``. A step
+    whose tower output has other rows (extra views) falls back to the forward's features and is counted."""
+    import argparse
+
+    import torch
+
+    from safe_train.detection import scores as scores_mod
+    from safe_train.detection.callback import DetectionCallback
+    from safe_train.interface import StepOutput, TrainContext, TrainPass
+    from safe_train.state import SampleTable
+
+    class TwoTowers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = torch.nn.Linear(6, 8)
+
+        def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"image_features": torch.nn.functional.normalize(self.visual(image), dim=-1),
+                    "text_features": torch.nn.functional.normalize(text, dim=-1)}
+
+    torch.manual_seed(0)
+    model = TwoTowers()
+    rng = np.random.default_rng(4)
+    ids = rng.permutation(500)[:60].astype(np.int64)
+    pixels = torch.from_numpy(rng.normal(size=(60, 6)).astype(np.float32))
+    pixels[:5] *= 6  # a few long embeddings: what the normalised features cannot show
+    text = torch.from_numpy(rng.normal(size=(60, 8)).astype(np.float32))
+    args = argparse.Namespace(detect="auto", detect_reference="auto", detect_k=None, detect_metric="l2",
+                              detect_backend="torch", detect_action="log", detect_drop_fraction=None,
+                              detect_drop_epoch=1, detect_every=1, detect_reference_size=None, detect_manifest=None,
+                              detect_blocklist_budget=None, seed=5)
+    callback = DetectionCallback.from_args(args)
+    ctx = TrainContext(args=args, table=SampleTable(), model=model)
+    callback.setup(ctx)
+    callback.on_train_start(ctx)
+    callback.on_epoch_start(ctx)
+    with torch.no_grad():
+        for part in (slice(0, 30), slice(30, 60)):
+            ctx.table.register(ids[part])
+            features = model(pixels[part], text[part])
+            model.visual(pixels[:3])  # e.g. an evaluation call in between: the step's own forward comes last
+            features = model(pixels[part], text[part])
+            callback.on_step_end(ctx, StepOutput(TrainPass(), torch.from_numpy(ids[part]), features, {}, 0))
+        everything = model(pixels, text)
+        raw, normalised = model.visual(pixels).numpy(), everything["image_features"].numpy()
+        captions = everything["text_features"].numpy()
+    callback.on_epoch_end(ctx)
+    expected = scores_mod.auto_reference_scores(raw, captions, ["auto"], k=None, metric="l2", seed=5,
+                                                backend="torch")
+    np.testing.assert_allclose(ctx.table.get("score_auto", ids), expected["auto"].astype(np.float32), rtol=1e-5)
+    assert callback.unmatched_tower_steps == 0
+    on_normalised = scores_mod.auto_reference_scores(normalised, captions, ["auto"], k=None, seed=5,
+                                                     backend="torch")["auto"]
+    assert not np.allclose(expected["auto"], on_normalised)
+
+    callback.on_epoch_start(ctx)  # a step whose tower saw more rows than the step has samples
+    with torch.no_grad():
+        features = model(pixels[:30], text[:30])
+        model.visual(torch.cat([pixels[:30], pixels[:10]]))  # the views of 10 risky rows, say
+    callback.on_step_end(ctx, StepOutput(TrainPass(), torch.from_numpy(ids[:30]), features, {}, 0))
+    assert callback.unmatched_tower_steps == 1
+    np.testing.assert_array_equal(callback._epoch_rows[0][1], features["image_features"].numpy())
 
 
 def test_two_rank_drop_is_identical_on_every_rank(poisoned_csv, tmp_path):

@@ -93,7 +93,8 @@ class DetectionConfig(FlagConfig):
     reference: str = option("batch", "batch: against the gathered global batch's images and captions (the paper's "
                             "setting; no epoch state); global: at the epoch end, against the epoch's embeddings or a "
                             "random reference sample (--detect-reference-size); auto: at the epoch end, against "
-                            "safe-train detect's default reference (a seeded sample of min(N, 32768) images).",
+                            "safe-train detect's default reference (a seeded sample of min(N, 32768) images), on the "
+                            "image tower's un-normalised output as safe-train detect scores it.",
                             choices=("batch", "global", "auto"))
     k: int | None = option(None, "Neighbourhood size for every detector (default: each detector's own, kdist/slof/dao "
                            "16, lid 64).", type=int, metavar="K")
@@ -179,6 +180,9 @@ class DetectionCallback(Callback):
         self.drop_done = False
         self._epoch_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.skipped_non_finite = 0  # samples of this epoch left unscored: their embeddings were NaN/inf
+        self._tower_output: torch.Tensor | None = None  # the image tower's last (un-normalised) output
+        self._tower_hook: Any = None
+        self.unmatched_tower_steps = 0  # steps scored on the normalised features: the tower's rows did not match
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
@@ -199,10 +203,46 @@ class DetectionCallback(Callback):
     def _knn_kwargs(self, ctx: TrainContext) -> dict[str, Any]:
         return {"backend": self.backend, "device": ctx.device}
 
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """``--detect-reference auto`` scores the un-normalised image embeddings, as ``safe-train detect`` does.
+
+        OpenCLIP's forward returns L2-normalised features, and on poisoned models the embedding's length is
+        much of the evidence (benchmarks/RESULTS.md: the auto score falls from 0.998 to 0.514 AUROC when the
+        embeddings are normalised first). A forward hook on the image tower keeps its output, which is
+        ``encode_image(normalize=False)``; no extra forward, and the training forward is unchanged."""
+        if self.reference != "auto" or ctx.model is None:
+            return
+        model = getattr(ctx.model, "module", ctx.model)  # DDP wraps the model; the hook sits on the tower
+        tower = getattr(model, "visual", None)
+        if not isinstance(tower, torch.nn.Module):
+            log.warning("detection: the model has no image tower `visual`; --detect-reference auto scores the "
+                        "forward's normalised image features")
+            return
+
+        def keep_output(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            self._tower_output = (output[0] if isinstance(output, tuple) else output).detach()
+
+        self._tower_hook = tower.register_forward_hook(keep_output)
+
+    def _unnormalised_images(self, image: torch.Tensor) -> torch.Tensor:
+        """The image tower's output of this step when it has the step's rows, else ``image`` (counted)."""
+        raw, self._tower_output = self._tower_output, None
+        if self._tower_hook is None:
+            return image
+        if raw is None or raw.shape != image.shape:
+            if not self.unmatched_tower_steps:
+                log.warning("detection: a step's image-tower output did not have one row per sample (gradient "
+                            "accumulation, or a defense's extra views): such steps are scored on the forward's "
+                            "normalised image features, counted in detect_normalised_steps")
+            self.unmatched_tower_steps += 1
+            return image
+        return raw
+
     # ---- per step ---------------------------------------------------------------------------------
     def on_epoch_start(self, ctx: TrainContext) -> None:
         self._epoch_rows = []
         self.skipped_non_finite = 0
+        self.unmatched_tower_steps = 0
 
     def _skip_non_finite(self, n: int, where: str) -> None:
         """Count ``n`` unscored samples (a diverging step must not stop the run from inside detection)."""
@@ -219,6 +259,7 @@ class DetectionCallback(Callback):
             return
         ids = step.sample_ids.cpu().numpy().astype(np.int64)
         if self.reference != "batch":  # scored at the epoch end
+            image = self._unnormalised_images(image)
             self._epoch_rows.append((ids, image.detach().float().cpu().numpy(), text.detach().float().cpu().numpy()))
             return
         with torch.no_grad():
@@ -291,6 +332,8 @@ class DetectionCallback(Callback):
         skipped = dist.all_reduce_int(self.skipped_non_finite)  # each rank counted its own (global: rank 0 all)
         if skipped:
             ctx.log_metric("detect_skipped_non_finite", skipped)
+        if self._tower_hook is not None:
+            ctx.log_metric("detect_normalised_steps", dist.all_reduce_int(self.unmatched_tower_steps))
         table = ctx.table
         if not table.has_column("score_epoch") or len(table) == 0:
             return
