@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from safe_train.bench_stats import mean_se  # noqa: E402
 from safe_train.detect import auto_reference_size  # noqa: E402
 from safe_train.detection.callback import score_metrics  # noqa: E402
 from safe_train.detection.scores import global_scores, partitioned_scores  # noqa: E402
@@ -92,9 +93,8 @@ def summarize(results: list[dict], cells: Path | None = None,
     for (attack, rate), members in sorted(groups.items()):
         cells_text = []
         for setting in settings:
-            values = np.array([m["metrics"][setting]["auroc"] for m in members])
-            se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else None
-            cells_text.append(f"{values.mean():.3f} ± {'—' if se is None else f'{se:.3f}'}")
+            mean, se = mean_se(m["metrics"][setting]["auroc"] for m in members)
+            cells_text.append(f"{mean:.3f} ± {'—' if np.isnan(se) else f'{se:.3f}'}")
         passed = sum(m["metrics"]["auto"]["auroc"] >= 0.98 for m in members)
         asr = [json.loads(path.read_text())["asr"] for m in members
                if cells is not None and (path := cells / f"{m['run']}.json").exists()]
