@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from safe_train.detection.callback import DetectionCallback, percentile_ranks, update_aggregate
+from safe_train.detection.callback import (
+    DetectionCallback,
+    DetectionConfig,
+    fold_rank,
+    percentile_ranks,
+    update_aggregate,
+)
 from safe_train.detection.detectors import (
     AUTO_K_MAX,
     AUTO_K_MIN,
@@ -17,6 +23,7 @@ from safe_train.detection.detectors import (
     auto_top_k,
 )
 from safe_train.detection.scores import batch_scores, global_scores
+from safe_train.errors import ConfigError
 from safe_train.interface import StepOutput, TrainContext, TrainPass
 from safe_train.metrics import detection_metrics
 from safe_train.state import SampleTable
@@ -127,6 +134,39 @@ def test_aggregate_is_the_mean_percentile_rank_over_detection_epochs():
     update_aggregate(table, np.array([1, 2, 3, 4]), np.array([9.0, np.nan, 1.0, 5.0]))  # 2 unscored: 1, 1/3, 2/3
     np.testing.assert_allclose(table["score_agg"], [1.0, (0.25 + 1.0) / 2, 0.75, (0.5 + 1 / 3) / 2, 2 / 3], rtol=1e-6)
     np.testing.assert_array_equal(table["score_agg_count"], [1, 2, 1, 2, 1])
+
+
+def test_fold_rank_spans_the_mean_and_the_latest_epoch():
+    """Recency 0 is the running mean, 1 the latest epoch alone, 0.5 an exponential moving average; the first
+    epoch always enters whole."""
+    ranks = [np.array([0.2, 1.0]), np.array([0.4, 0.5]), np.array([1.0, 0.25])]
+
+    def folded(recency: float) -> np.ndarray:
+        agg, count = np.full(2, np.nan), np.zeros(2, dtype=np.int64)
+        for rank in ranks:
+            agg, count = fold_rank(agg, count, rank, recency), count + 1
+        return agg
+
+    np.testing.assert_allclose(folded(0.0), np.mean(ranks, axis=0))
+    np.testing.assert_allclose(folded(1.0), ranks[-1])
+    # weights max(0.5, 1/count): 1, then 0.5, 0.5 -> ((r0 + r1) / 2 + r2) / 2
+    np.testing.assert_allclose(folded(0.5), ((ranks[0] + ranks[1]) / 2 + ranks[2]) / 2)
+    # a small recency is the mean until 1/count falls below it: 1, 1/2, then 0.4
+    np.testing.assert_allclose(folded(0.4), 0.6 * (ranks[0] + ranks[1]) / 2 + 0.4 * ranks[2])
+
+
+def test_aggregate_recency_reaches_the_table_and_is_checked():
+    table = SampleTable()
+    table.register(np.arange(3))
+    table.add_column("score_agg", np.float32, np.nan)
+    table.add_column("score_agg_count", np.int32, 0)
+    for score in ([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]):
+        update_aggregate(table, np.arange(3), np.array(score), recency=1.0)
+    np.testing.assert_allclose(table["score_agg"], [1 / 3, 2 / 3, 1.0], rtol=1e-6)  # the latest epoch alone
+    cb = DetectionCallback.from_args(_args(detect_aggregate_recency=0.75))
+    assert cb.aggregate_recency == 0.75
+    with pytest.raises(ConfigError, match="--detect-aggregate-recency must be in"):
+        DetectionConfig.from_args(_args(detect_aggregate_recency=1.5)).validate()
 
 
 def _args(**changes) -> argparse.Namespace:

@@ -5,6 +5,7 @@ silently measures nothing (a renamed function no longer wrapped, a detector no l
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
+import detect_aggregate  # noqa: E402
 import detect_auto  # noqa: E402
 import detect_global_scale  # noqa: E402
 import detect_overhead  # noqa: E402
@@ -146,3 +148,47 @@ def test_auto_summary_is_mean_and_standard_error_over_seeds(tmp_path: Path) -> N
     assert badnets.endswith("| 2 of 3 |")
     wanet = next(line for line in table if line.startswith("| wanet-strength3.0 "))
     assert wanet == "| wanet-strength3.0 | 0.25% | 1 | — | 0.640 ± — | 0.480 ± — | 0.500 ± — | 0.600 ± — | 0 of 1 |"
+
+
+def test_aggregate_replay_matches_the_callback_and_chooses_by_the_documented_rule(tmp_path: Path, capsys) -> None:
+    """The offline replay of score_agg equals the callback's own table arithmetic; the rule picks the best final
+    AUROC, ties to the smallest recency."""
+    from safe_train.detection.callback import update_aggregate
+    from safe_train.state import SampleTable
+
+    train = tmp_path / "data" / "train.csv"
+    train.parent.mkdir()
+    train.write_text("")
+    (train.parent / "manifest.json").write_text('{"poisoned_ids": [7, 8]}')
+    run = tmp_path / "run"
+    (run / "detection").mkdir(parents=True)
+    (run / "params.txt").write_text(f"model: tiny\ntrain_data: {train}\n")
+    rng = np.random.default_rng(0)
+    ids = np.arange(10)
+    # epoch 0: poisons look clean; epochs 1-2: they stand out (the backdoor is learned); id 9 unscored in epoch 2
+    scores = [rng.random(10), np.r_[rng.random(7), 5.0, 6.0, 0.5], np.r_[rng.random(7), 4.0, 7.0, np.nan]]
+    scores[0][[7, 8]] = -1.0
+    for epoch, score in enumerate(scores):
+        keep = np.isfinite(score)
+        np.savez(run / "detection" / f"epoch_{epoch}_scores.npz", sample_id=ids[keep], score=score[keep])
+    for recency in (0.0, 0.5, 1.0):
+        table = SampleTable()
+        table.register(ids)
+        table.add_column("score_agg", np.float32, np.nan)
+        table.add_column("score_agg_count", np.int32, 0)
+        for score in scores:
+            update_aggregate(table, ids, score, recency)
+        seen, agg = detect_aggregate.replay(detect_aggregate.epoch_scores(run), recency)[-1]
+        np.testing.assert_array_equal(seen, ids)
+        np.testing.assert_allclose(agg, table["score_agg"], rtol=1e-6)
+    result = detect_aggregate.evaluate(run, [0.0, 0.5, 1.0])
+    assert result["epoch_auroc"][0] == 0.0 and result["epoch_auroc"][2] == 1.0
+    assert result["aggregate"]["1"][-1] == 1.0 and result["aggregate"]["0"][0] == 0.0
+    chosen, means = detect_aggregate.choose([result], [0.0, 0.5, 1.0])
+    best = max(means.values())
+    assert means[f"{chosen:g}"] >= best - detect_aggregate.TIE
+    assert all(means[f"{r:g}"] < best - detect_aggregate.TIE for r in (0.0, 0.5, 1.0) if r < chosen)
+    assert detect_aggregate.main([str(run), "--recency", "0,1", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| score_agg, R = 1 |" in out and "chosen --detect-aggregate-recency:" in out
+    assert json.loads((tmp_path / "out.json").read_text())["chosen"] in (0.0, 1.0)

@@ -317,6 +317,7 @@ def test_aggregate_survives_a_step_resume(csv_64, tmp_path, monkeypatch):
     (["--detect", "kdist", "--detect-action", "drop"], "--detect-drop-fraction"),
     (["--detect-k", "4"], "need --detect"),
     (["--detect", "kdist", "--detect-reference-size", "10"], "--detect-reference global"),
+    (["--detect", "kdist", "--detect-aggregate-recency", "2"], "--detect-aggregate-recency must be in [0, 1]"),
 ])
 def test_bad_detection_flags_fail_clearly(argv, message, csv_64, tmp_path, capsys):
     assert run_safe_train(train_flags(csv_64, tmp_path, "bad", extra=argv)) == 2

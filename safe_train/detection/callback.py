@@ -29,13 +29,14 @@ embeddings (``l2`` on unit vectors is monotone in cosine distance). The standalo
 ``python -m safe_train.detect`` embeds without normalisation (``--no-normalize``), the paper's setting.
 
 Columns (float32, NaN until scored): ``score_<detector>`` = the latest detection epoch's score,
-``score_epoch`` = that epoch; ``score_agg`` = the sample's mean percentile rank of the first detector's score
-over every detection epoch that scored it (rank among that epoch's scored samples, ``(average rank) / n`` in
-``(0, 1]``, ties averaged) and ``score_agg_count`` (int32) = how many epochs that mean covers. The aggregate is
-updated at each detection epoch's end from the synced table, by the same arithmetic on every rank, so it is
-identical everywhere and is checkpointed and resumed with the table. One noisy epoch (augmented views, a
-half-trained model, a batch that happened to hold several poisons) then moves a sample by ``1/count``, not to
-the top. With ``--detect-action drop`` also ``dropped`` (the engine excludes those ids from later epochs) and
+``score_epoch`` = that epoch; ``score_agg`` = the sample's percentile rank of the first detector's score
+aggregated over every detection epoch that scored it (rank among that epoch's scored samples, ``(average rank) /
+n`` in ``(0, 1]``, ties averaged; each epoch enters with weight ``max(--detect-aggregate-recency, 1/count)``:
+the plain mean at 0, an exponential moving average above) and ``score_agg_count`` (int32) = how many epochs it
+covers. The aggregate is updated at each detection epoch's end from the synced table, by the same arithmetic on
+every rank, so it is identical everywhere and is checkpointed and resumed with the table. One noisy epoch
+(augmented views, a half-trained model, a batch that happened to hold several poisons) then moves a sample by
+at most that weight, not to the top. With ``--detect-action drop`` also ``dropped`` (the engine excludes those ids from later epochs) and
 ``drop_score`` (the ``score_agg`` that ranked them: drop takes the highest ``score_agg``, ties by id).
 With ``--detect-blocklist-budget B`` rank 0 rewrites ``<run>/detection/blocklist.csv`` (``sample_id,score,
 detector``: the B highest ``score_agg``, for ``--blocklist`` of a later run) after every detection epoch. Per detection epoch (rank 0):
@@ -116,9 +117,15 @@ class DetectionConfig(FlagConfig):
                                         "epoch). Keep M x poison rate below k, or poisons become each other's "
                                         "neighbours.", type=int, metavar="M")
     blocklist_budget: int | None = option(None, "After every detection epoch, write <run>/detection/blocklist.csv "
-                                          "with the B samples of highest mean percentile rank over the detection "
-                                          "epochs so far (score_agg), for --blocklist of a later run.", type=int,
-                                          metavar="B")
+                                          "with the B samples of highest score_agg (percentile rank aggregated "
+                                          "over the detection epochs so far), for --blocklist of a later run.",
+                                          type=int, metavar="B")
+    aggregate_recency: float = option(0.0, "Weight of the newest detection epoch in score_agg, the per-sample "
+                                      "aggregate that drop and the blocklist rank by: each epoch's percentile rank "
+                                      "enters with weight max(R, 1/count). 0: the plain mean over every detection "
+                                      "epoch; 1: the latest epoch only; between: an exponential moving average "
+                                      "(early epochs, before a backdoor is learned, fade).", type=float,
+                                      metavar="R")
 
     @property
     def enabled(self) -> bool:
@@ -146,6 +153,8 @@ class DetectionConfig(FlagConfig):
                   f"--detect-action drop needs --detect-drop-fraction F with 0 < F < 1, got {fraction}")
         else:
             check(self.drop_fraction is None, "--detect-drop-fraction needs --detect-action drop")
+        check(0.0 <= self.aggregate_recency <= 1.0,
+              f"--detect-aggregate-recency must be in [0, 1], got {self.aggregate_recency}")
         check(self.blocklist_budget is None or self.blocklist_budget >= 0,
               f"--detect-blocklist-budget must be >= 0, got {self.blocklist_budget}")
         if self.reference_size is not None:
@@ -175,6 +184,7 @@ class DetectionCallback(Callback):
         self.every = config.every
         self.reference_size = config.reference_size
         self.blocklist_budget = config.blocklist_budget
+        self.aggregate_recency = config.aggregate_recency
         self.seed = 0
         self.manifest = Manifest.load(config.manifest) if config.manifest else None
         self.drop_done = False
@@ -341,7 +351,7 @@ class DetectionCallback(Callback):
         ids = table.ids[scored]
         scores = {name: np.asarray(table[f"score_{name}"])[scored] for name in self.detectors}
         if len(ids):
-            update_aggregate(table, ids, scores[self.detectors[0]])
+            update_aggregate(table, ids, scores[self.detectors[0]], self.aggregate_recency)
         out_dir = Path(ctx.run_dir) / "detection" if ctx.run_dir else None
         if ctx.is_master and out_dir is not None and len(ids):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +389,7 @@ class DetectionCallback(Callback):
             out_dir.mkdir(parents=True, exist_ok=True)
             write_id_scores(out_dir / f"dropped_epoch_{ctx.epoch}.csv", chosen, chosen_score, self.detectors[0])
             logging.info(f"detection: dropped {len(chosen)} of {len(ids)} samples (top {self.drop_fraction:g} by "
-                         f"mean percentile rank of {self.detectors[0]}) from later epochs")
+                         f"score_agg of {self.detectors[0]}) from later epochs")
 
     def state_dict(self) -> dict[str, Any]:
         """Also the epoch's embeddings so far (``--detect-reference global``): a mid-epoch checkpoint must
@@ -417,17 +427,27 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
     return ranks / n
 
 
-def update_aggregate(table, ids: np.ndarray, score: np.ndarray) -> None:
+def fold_rank(previous: np.ndarray, count: np.ndarray, rank: np.ndarray, recency: float = 0.0) -> np.ndarray:
+    """The aggregate after one more epoch: ``previous`` (over ``count`` epochs) moved towards this epoch's ``rank``
+    with weight ``max(recency, 1 / (count + 1))``. ``recency`` 0 keeps the plain running mean; above it the newest
+    epochs dominate, so the epochs before a backdoor is learned (where no detector separates the poisons) stop
+    diluting the ones after it. Pure, elementwise; the first epoch always enters with weight 1."""
+    previous = np.nan_to_num(np.asarray(previous, dtype=np.float64), nan=0.0)
+    weight = np.maximum(recency, 1.0 / (np.asarray(count, dtype=np.float64) + 1.0))
+    return (1.0 - weight) * previous + weight * np.asarray(rank, dtype=np.float64)
+
+
+def update_aggregate(table, ids: np.ndarray, score: np.ndarray, recency: float = 0.0) -> None:
     """Fold this epoch's percentile ranks of ``score`` (finite ones only) into ``score_agg`` / ``score_agg_count``
-    as a running mean. Pure arithmetic on the synced table: the same on every rank."""
+    (:func:`fold_rank`). Pure arithmetic on the synced table: the same on every rank, and resumable from the
+    two checkpointed columns alone."""
     finite = np.isfinite(score)
     ids = ids[finite]
     if not len(ids):
         return
     rank = percentile_ranks(score[finite])
     count = table.get("score_agg_count", ids).astype(np.int64)
-    previous = np.nan_to_num(table.get("score_agg", ids).astype(np.float64), nan=0.0)
-    table.set("score_agg", ids, ((previous * count + rank) / (count + 1)).astype(np.float32))
+    table.set("score_agg", ids, fold_rank(table.get("score_agg", ids), count, rank, recency).astype(np.float32))
     table.set("score_agg_count", ids, (count + 1).astype(np.int32))
 
 
