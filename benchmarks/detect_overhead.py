@@ -265,13 +265,14 @@ def train_step_cost(model_name: str = "st-tiny-vit", batch_size: int = 256, step
 
 
 # ---- the callback alone --------------------------------------------------------------------------------
-def _callback(detect: str, backend: str, run_dir: str | None = None) -> tuple[Any, Any]:
-    """A set-up detection callback and its context (one process, CPU)."""
+def _callback(detect: str, backend: str, run_dir: str | None = None, reference: str = "batch") -> tuple[Any, Any]:
+    """A set-up detection callback and its context (one process, CPU). Without a model, the ``auto`` reference keeps
+    the forward's features (no tower hook): the same rows, so the same cost."""
     from safe_train.detection.callback import DetectionCallback, DetectionConfig
     from safe_train.interface import TrainContext
     from safe_train.state import SampleTable
 
-    cb = DetectionCallback(DetectionConfig(names=detect, backend=backend))
+    cb = DetectionCallback(DetectionConfig(names=detect, backend=backend, reference=reference))
     ctx = TrainContext(args=argparse.Namespace(seed=0, log_base_path=run_dir), table=SampleTable())
     cb.setup(ctx)
     return cb, ctx
@@ -322,14 +323,14 @@ class StepCost:
 
 
 def callback_step_cost(batch_size: int, detect: str, backend: str, repeats: int = 50,
-                       profile: bool = False) -> StepCost:
+                       profile: bool = False, reference: str = "batch") -> StepCost:
     """``on_step_end`` alone on one batch of 128-d features, ``repeats`` times after 3 warm-up calls."""
     import torch
 
     from safe_train.detection.scores import parse_detectors
     from safe_train.interface import StepOutput, TrainPass
 
-    cb, ctx = _callback(detect, backend)
+    cb, ctx = _callback(detect, backend, reference=reference)
     features = _features(batch_size, 0)
     ids = torch.arange(batch_size)
     for i in range(3):
@@ -373,7 +374,7 @@ class EpochEndCost:
 
 
 def callback_epoch_end_cost(samples: int, batch_size: int, detect: str, backend: str,
-                            profile: bool = False) -> EpochEndCost:
+                            profile: bool = False, reference: str = "batch") -> EpochEndCost:
     """One epoch of ``samples`` scored by ``on_step_end``, then ``on_epoch_end`` timed (writing its npz and
     histogram into a temporary run folder), twice: the first call imports matplotlib, as a real run's first
     detection epoch does unless something else loaded it."""
@@ -387,7 +388,7 @@ def callback_epoch_end_cost(samples: int, batch_size: int, detect: str, backend:
     results: list[Clock] = []
     parts: dict[str, Clock] = {}
     with tempfile.TemporaryDirectory() as run_dir:
-        cb, ctx = _callback(detect, backend, run_dir)
+        cb, ctx = _callback(detect, backend, run_dir, reference)
         features = _features(batch_size, 1)
         steps = max(1, samples // batch_size)
         for epoch in range(2):
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="Calls of on_step_end alone per backend.")
     p.add_argument("--epoch-samples", type=int, default=20000,
                    help="Samples per epoch for the epoch-end cost (20,000: the medium benchmark).")
+    p.add_argument("--reference", default="batch", choices=("batch", "global", "auto"),
+                   help="--detect-reference of every variant (default batch; auto and global score the whole epoch "
+                        "at its end, so their cost is in part 3).")
     p.add_argument("--no-training", action="store_true", help="Skip the end-to-end training runs.")
     p.add_argument("--profile", action="store_true", help="Also print cProfile's top functions.")
     return p
@@ -458,10 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     steps_per_epoch = max(1, args.epoch_samples // args.batch_size)
     print(f"machine: {machine()} (shared: wall times include other processes' load; CPU times much less)")
-    print(f"--detect {args.detect}, batch {args.batch_size}, {args.threads} thread(s)", flush=True)
+    print(f"--detect {args.detect} --detect-reference {args.reference}, batch {args.batch_size}, "
+          f"{args.threads} thread(s)", flush=True)
 
     # the epoch end first: its cold call must be the process's first matplotlib import
-    epoch_end = {b: callback_epoch_end_cost(args.epoch_samples, args.batch_size, args.detect, b, args.profile)
+    epoch_end = {b: callback_epoch_end_cost(args.epoch_samples, args.batch_size, args.detect, b, args.profile,
+                                            args.reference)
                  for b in backends}
     # the step and the callback alone, alternating in rounds so that load changes hit all alike
     step_clocks: list[Clock] = []
@@ -471,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         step_clocks.append(train_step_cost("st-tiny-vit", args.batch_size, steps=2, warmup=1 if r else 2))
         for b in backends:
             cost = callback_step_cost(args.batch_size, args.detect, b, max(1, args.repeats // rounds),
-                                      args.profile and r == 0)
+                                      args.profile and r == 0, args.reference)
             step_cost[b] = step_cost[b].merge(cost) if b in step_cost else cost
     step = Clock(statistics.median(c.wall for c in step_clocks), statistics.median(c.cpu for c in step_clocks))
 
@@ -488,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 order = variants[r % len(variants):] + variants[: r % len(variants)]
                 for variant in order:
-                    extra = [] if variant == "none" else ["--detect", args.detect, "--detect-backend", variant]
+                    extra = [] if variant == "none" else ["--detect", args.detect, "--detect-backend", variant,
+                                                          "--detect-reference", args.reference]
                     runs[variant].append(training_run(csv, tmp_path / "logs", f"{variant}{r}", args.batch_size,
                                                       args.threads, extra))
                 short.append(training_run(short_csv, tmp_path / "logs", f"short{r}", args.batch_size, args.threads, []))

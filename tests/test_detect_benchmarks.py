@@ -90,6 +90,15 @@ def test_callback_costs_split_into_parts(backend: str) -> None:
     assert end.parts["write_histogram"].wall > 0
 
 
+def test_callback_costs_with_the_auto_reference_fall_at_the_epoch_end() -> None:
+    """--detect-reference auto only keeps rows per step; the whole epoch is scored (and aggregated) at its end."""
+    detect_overhead.set_threads(1)
+    cost = detect_overhead.callback_step_cost(64, "auto", "torch", repeats=3, reference="auto")
+    assert cost.calls == 3 and not {"knn-reference", "knn-query", "formula"} & set(cost.parts.parts)
+    end = detect_overhead.callback_epoch_end_cost(512, 64, "auto", "torch", reference="auto")
+    assert end.parts["update_aggregate"].wall > 0  # called only when the epoch's samples were scored
+
+
 def test_part_timer_restores_what_it_wraps() -> None:
     from safe_train.detection import scores
     from safe_train.detection.detectors import AutoDetector
