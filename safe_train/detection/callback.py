@@ -23,10 +23,12 @@ the wait is bounded by the control group's timeout (the run's ``--dist-timeout-m
 engine passes it to ``dist.init_control_group``; torch's gloo default, 30 minutes, otherwise): size
 ``--detect-reference-size`` so that rank 0's scoring stays well inside it.
 
-Embeddings: OpenCLIP's forward returns L2-normalised features and the norm cannot be recovered
-without an extra pass or hooks into model internals, so in-loop scores use the normalised
-embeddings (``l2`` on unit vectors is monotone in cosine distance). The standalone
-``python -m safe_train.detect`` embeds without normalisation (``--no-normalize``), the paper's setting.
+Embeddings: OpenCLIP's forward returns L2-normalised features. The batch and global references score
+those (``l2`` on unit vectors is monotone in cosine distance). The ``auto`` reference scores the image
+tower's un-normalised output, read by a forward hook on ``model.visual`` (no extra pass), as the standalone
+``python -m safe_train.detect`` does: on the medium benchmark the poisons' embedding length carries most of
+the signal (AUROC 0.998 standalone, 0.51 once normalised). A step whose tower output has other rows than the
+step's samples falls back to the normalised features and is counted (``detect_normalised_steps``).
 
 Columns (float32, NaN until scored): ``score_<detector>`` = the latest detection epoch's score,
 ``score_epoch`` = that epoch; ``score_agg`` = the sample's percentile rank of the first detector's score
