@@ -180,7 +180,7 @@ def _args(**changes) -> argparse.Namespace:
 
 def test_drop_takes_the_highest_aggregate_not_the_last_epoch(tmp_path):
     """Epoch 0 and 1 disagree; drop after epoch 1 follows the mean of both epochs' percentile ranks."""
-    cb = DetectionCallback.from_args(_args(detect="kdist", detect_blocklist_budget=2))
+    cb = DetectionCallback.from_args(_args(detect="kdist", detect_blocklist_budget=2, detect_aggregate_recency=0.0))
     ctx = TrainContext(args=_args(log_base_path=str(tmp_path)), table=SampleTable(), rank=0, world_size=1)
     cb.setup(ctx)
     ids = np.arange(8)
@@ -198,6 +198,25 @@ def test_drop_takes_the_highest_aggregate_not_the_last_epoch(tmp_path):
     np.testing.assert_allclose(ctx.table["drop_score"][[0, 6]], [0.5625, 0.625])
     lines = (tmp_path / "detection" / "blocklist.csv").read_text().splitlines()
     assert lines[0] == "sample_id,score,detector" and len(lines) == 3
+
+
+def test_by_default_drop_follows_the_latest_detection_epoch(tmp_path):
+    """The default recency (1, chosen on validation runs) ranks by the latest detection epoch alone."""
+    cb = DetectionCallback.from_args(_args(detect="kdist"))
+    assert cb.aggregate_recency == 1.0
+    ctx = TrainContext(args=_args(log_base_path=str(tmp_path)), table=SampleTable(), rank=0, world_size=1)
+    cb.setup(ctx)
+    ids = np.arange(8)
+    ctx.table.register(ids)
+    scores = {0: np.array([8, 7, 6, 5, 4, 3, 2, 1.0]), 1: np.array([1, 2, 3, 4, 5, 6, 8, 7.0])}
+    for epoch in (0, 1):
+        ctx.epoch = epoch
+        ctx.table.set("score_kdist", ids, scores[epoch])
+        ctx.table.set("score_epoch", ids, epoch)
+        cb.on_epoch_end(ctx)
+    np.testing.assert_allclose(ctx.table["score_agg"], percentile_ranks(scores[1]), rtol=1e-6)
+    np.testing.assert_array_equal(ctx.table.ids[ctx.table["dropped"]], [6, 7])
+    np.testing.assert_array_equal(ctx.table["score_agg_count"], 2)
 
 
 def test_in_loop_auto_scores_a_batch():

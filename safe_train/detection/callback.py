@@ -34,11 +34,13 @@ Columns (float32, NaN until scored): ``score_<detector>`` = the latest detection
 ``score_epoch`` = that epoch; ``score_agg`` = the sample's percentile rank of the first detector's score
 aggregated over every detection epoch that scored it (rank among that epoch's scored samples, ``(average rank) /
 n`` in ``(0, 1]``, ties averaged; each epoch enters with weight ``max(--detect-aggregate-recency, 1/count)``:
-the plain mean at 0, an exponential moving average above) and ``score_agg_count`` (int32) = how many epochs it
-covers. The aggregate is updated at each detection epoch's end from the synced table, by the same arithmetic on
-every rank, so it is identical everywhere and is checkpointed and resumed with the table. One noisy epoch
-(augmented views, a half-trained model, a batch that happened to hold several poisons) then moves a sample by
-at most that weight, not to the top. With ``--detect-action drop`` also ``dropped`` (the engine excludes those ids from later epochs) and
+the plain mean at 0, an exponential moving average above, the latest epoch alone at 1, the default) and
+``score_agg_count`` (int32) = how many epochs it covers. The default was chosen on validation runs
+(``benchmarks/detect_aggregate.py``; BadNets, Blended and SIG at 1%, medium, seed 100: final AUROC 1.000 ±
+0.000 at 1, 0.998 at 0.75, 0.932 ± 0.067 for the mean): before a backdoor is learned no epoch separates the
+poisons, and averaging those epochs in only dilutes the later ones. The aggregate is updated at each detection epoch's end from the synced table, by the same arithmetic on
+every rank, so it is identical everywhere and is checkpointed and resumed with the table. Below 1, one noisy
+epoch moves a sample by at most that weight, not to the top. With ``--detect-action drop`` also ``dropped`` (the engine excludes those ids from later epochs) and
 ``drop_score`` (the ``score_agg`` that ranked them: drop takes the highest ``score_agg``, ties by id).
 With ``--detect-blocklist-budget B`` rank 0 rewrites ``<run>/detection/blocklist.csv`` (``sample_id,score,
 detector``: the B highest ``score_agg``, for ``--blocklist`` of a later run) after every detection epoch. Per detection epoch (rank 0):
@@ -122,12 +124,11 @@ class DetectionConfig(FlagConfig):
                                           "with the B samples of highest score_agg (percentile rank aggregated "
                                           "over the detection epochs so far), for --blocklist of a later run.",
                                           type=int, metavar="B")
-    aggregate_recency: float = option(0.0, "Weight of the newest detection epoch in score_agg, the per-sample "
+    aggregate_recency: float = option(1.0, "Weight of the newest detection epoch in score_agg, the per-sample "
                                       "aggregate that drop and the blocklist rank by: each epoch's percentile rank "
-                                      "enters with weight max(R, 1/count). 0: the plain mean over every detection "
-                                      "epoch; 1: the latest epoch only; between: an exponential moving average "
-                                      "(early epochs, before a backdoor is learned, fade).", type=float,
-                                      metavar="R")
+                                      "enters with weight max(R, 1/count). 1 (default, chosen on validation runs): "
+                                      "the latest detection epoch alone; 0: the plain mean over every detection "
+                                      "epoch; between: an exponential moving average.", type=float, metavar="R")
 
     @property
     def enabled(self) -> bool:
