@@ -178,20 +178,28 @@ def _args(**changes) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
-def test_drop_takes_the_highest_aggregate_not_the_last_epoch(tmp_path):
-    """Epoch 0 and 1 disagree; drop after epoch 1 follows the mean of both epochs' percentile ranks."""
-    cb = DetectionCallback.from_args(_args(detect="kdist", detect_blocklist_budget=2, detect_aggregate_recency=0.0))
+DISAGREEING_EPOCHS = {0: np.array([8, 7, 6, 5, 4, 3, 2, 1.0]), 1: np.array([1, 2, 3, 4, 5, 6, 8, 7.0])}
+
+
+def _two_detection_epochs(tmp_path, **changes) -> tuple[DetectionCallback, TrainContext]:
+    """A kdist drop callback after two detection epochs whose scores disagree (``DISAGREEING_EPOCHS``)."""
+    cb = DetectionCallback.from_args(_args(detect="kdist", **changes))
     ctx = TrainContext(args=_args(log_base_path=str(tmp_path)), table=SampleTable(), rank=0, world_size=1)
     cb.setup(ctx)
     ids = np.arange(8)
     ctx.table.register(ids)
-    scores = {0: np.array([8, 7, 6, 5, 4, 3, 2, 1.0]), 1: np.array([1, 2, 3, 4, 5, 6, 8, 7.0])}
-    for epoch in (0, 1):
+    for epoch, scores in DISAGREEING_EPOCHS.items():
         ctx.epoch = epoch
-        ctx.table.set("score_kdist", ids, scores[epoch])
+        ctx.table.set("score_kdist", ids, scores)
         ctx.table.set("score_epoch", ids, epoch)
         cb.on_epoch_end(ctx)
-    expected = (percentile_ranks(scores[0]) + percentile_ranks(scores[1])) / 2
+    return cb, ctx
+
+
+def test_drop_takes_the_highest_aggregate_not_the_last_epoch(tmp_path):
+    """Epoch 0 and 1 disagree; with recency 0, drop after epoch 1 follows the mean of both epochs' ranks."""
+    _, ctx = _two_detection_epochs(tmp_path, detect_blocklist_budget=2, detect_aggregate_recency=0.0)
+    expected = (percentile_ranks(DISAGREEING_EPOCHS[0]) + percentile_ranks(DISAGREEING_EPOCHS[1])) / 2
     np.testing.assert_allclose(ctx.table["score_agg"], expected, rtol=1e-6)
     # mean ranks: id 6 (2/8 + 1)/2 = 0.625, ids 0-5 0.5625 (ties: lowest id first), id 7 0.5; epoch 1 alone: 6, 7
     np.testing.assert_array_equal(ctx.table.ids[ctx.table["dropped"]], [0, 6])
@@ -202,19 +210,9 @@ def test_drop_takes_the_highest_aggregate_not_the_last_epoch(tmp_path):
 
 def test_by_default_drop_follows_the_latest_detection_epoch(tmp_path):
     """The default recency (1, chosen on validation runs) ranks by the latest detection epoch alone."""
-    cb = DetectionCallback.from_args(_args(detect="kdist"))
+    cb, ctx = _two_detection_epochs(tmp_path)
     assert cb.aggregate_recency == 1.0
-    ctx = TrainContext(args=_args(log_base_path=str(tmp_path)), table=SampleTable(), rank=0, world_size=1)
-    cb.setup(ctx)
-    ids = np.arange(8)
-    ctx.table.register(ids)
-    scores = {0: np.array([8, 7, 6, 5, 4, 3, 2, 1.0]), 1: np.array([1, 2, 3, 4, 5, 6, 8, 7.0])}
-    for epoch in (0, 1):
-        ctx.epoch = epoch
-        ctx.table.set("score_kdist", ids, scores[epoch])
-        ctx.table.set("score_epoch", ids, epoch)
-        cb.on_epoch_end(ctx)
-    np.testing.assert_allclose(ctx.table["score_agg"], percentile_ranks(scores[1]), rtol=1e-6)
+    np.testing.assert_allclose(ctx.table["score_agg"], percentile_ranks(DISAGREEING_EPOCHS[1]), rtol=1e-6)
     np.testing.assert_array_equal(ctx.table.ids[ctx.table["dropped"]], [6, 7])
     np.testing.assert_array_equal(ctx.table["score_agg_count"], 2)
 
