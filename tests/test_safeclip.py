@@ -311,6 +311,28 @@ def test_two_ranks_make_identical_decisions(csv_64, tmp_path):
     assert table["safe"].sum() == splits[-1]["num_safe"]
 
 
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("wordnet")
+def test_two_ranks_inloop_with_view_targets_make_identical_decisions(csv_64, tmp_path):
+    """``--safeclip-risky-views target`` makes two model calls per step (the second without autograd) on every
+    rank, whatever its batch holds: DDP trains, the split is the same on both ranks, every sample is measured."""
+    flags = WARMUP + ["--safeclip-similarity", "inloop", "--safeclip-safe-input", "raw", "--safeclip-risky-views",
+                      "target", "--safeclip-window-samples", "16", "--safeclip-threshold", "0.3",
+                      "--dist-backend", "gloo"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "safe_train.main", *train_flags(csv_64, tmp_path, "ddp", epochs=4, batch_size=8, extra=flags)]
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
+    output = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "torch/_" not in line)
+    assert proc.returncode == 0, output[-4000:]
+    log = (tmp_path / "ddp" / "out.log").read_text()
+    assert log.count("per-sample state identical on 2 ranks") == 4
+    splits = _splits(tmp_path / "ddp")
+    assert [s["epoch"] for s in splits] == [2, 3] and all(s["num_samples"] == 64 for s in splits)
+    assert 0 < splits[-1]["num_safe"] < 64
+    table = load_table(tmp_path / "ddp", 4)
+    assert np.isfinite(table["similarity"]).all() and table["safe"].sum() == splits[-1]["num_safe"]
+
 def test_inference_sampler_covers_every_sample_on_every_rank_count():
     """The similarity pass pads its last batch instead of dropping it: every sample gets a similarity."""
     from safe_train.data import EpochSeededSampler

@@ -130,6 +130,76 @@ def test_the_mixed_pass_makes_views_only_for_risky_samples():
     assert torch.equal(risky["raw_image"], safe["raw_image"]) and torch.equal(risky["raw_text"], safe["raw_text"])
 
 
+
+def _mixed_batch(model_name: str = "st-tiny-vit", n: int = 6, risky: tuple[int, ...] = (1, 4)):
+    import open_clip
+
+    from safe_train.model_configs import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, output_dict=True)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    gen = torch.Generator().manual_seed(1)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    batch = {
+        "raw_image": torch.rand(n, 3, 32, 32, generator=gen), "image_view2": torch.rand(n, 3, 32, 32, generator=gen),
+        "raw_text": tokenizer([f"a photo of a {w}." for w in words[:n]]),
+        "text_view2": tokenizer([f"photo a {w} of a." for w in words[:n]]),
+        "has_view": torch.tensor([i in risky for i in range(n)]),
+    }
+    return model, batch
+
+
+def _mixed_grads(defense: SafeClip, model, batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    from safe_train.interface import TrainPass
+
+    model.zero_grad()
+    pass_ = TrainPass(name="split", mode="mixed")
+    ctx = TrainContext(args=argparse.Namespace(), table=SampleTable())
+    features = defense.forward(ctx, model, batch, pass_)
+    losses = defense.compute_loss(ctx, features, pass_, None)
+    sum(losses.values()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+
+def test_risky_views_as_targets_train_only_through_the_raw_pairs():
+    """``--safeclip-risky-views target``: the same loss values as ``train`` (the views are forwarded in a separate
+    call), and the gradient of that loss with the view embeddings detached; ``train`` also trains through the
+    views, so its gradient differs. A batch without risky rows still makes its (discarded) second call."""
+    model, batch = _mixed_batch()
+    base = [*INLOOP[2:]]
+    trained = _defense(*base)
+    as_target = _defense(*base, "--safeclip-risky-views", "target")
+    losses_train, grads_train = _mixed_grads(trained, model, batch)
+    losses_target, grads_target = _mixed_grads(as_target, model, batch)
+    assert losses_target == pytest.approx(losses_train, rel=1e-5)
+    assert losses_target["unimodal_loss"] > 0 and losses_target["clip_loss"] > 0
+
+    # by hand: the raw pairs with autograd, the views' embeddings detached, the same split loss
+    model.zero_grad()
+    out = model(batch["raw_image"], batch["raw_text"])
+    views = model(batch["image_view2"], batch["text_view2"])
+    risky = batch["has_view"]
+    mask = risky.unsqueeze(1).to(out["image_features"].dtype)
+    expected = split_batch_loss(out["image_features"], out["text_features"],
+                                views["image_features"].detach() * mask, views["text_features"].detach() * mask,
+                                risky, out["logit_scale"])
+    sum(expected.values()).backward()
+    assert set(grads_target) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads_target[name], param.grad, rtol=1e-4, atol=1e-6)
+    visual = [n for n in grads_train if n.startswith("visual.")]
+    assert any(not torch.allclose(grads_train[n], grads_target[n], rtol=1e-3, atol=1e-7) for n in visual)
+
+    model, batch = _mixed_batch(risky=())
+    losses, grads = _mixed_grads(as_target, model, batch)
+    assert losses["unimodal_loss"] == 0.0 and losses["clip_loss"] > 0 and grads
+    with pytest.raises(ConfigError, match="in-loop pass only"):
+        _defense("--safeclip-risky-views", "target")
+
 class _Steps(Callback):
     name = "test_inloop_steps"
 

@@ -83,6 +83,7 @@ from safe_train.wordnet import ensure_wordnet
 SIMILARITY_MODES = ("pass", "inloop")
 MIXED_OUTPUTS = ("raw_image", "raw_text", "image_view2", "text_view2")  # the in-loop split pass's batch
 SAFE_INPUTS = ("views", "raw")
+RISKY_VIEWS = ("train", "target")  # the in-loop pass's risky views: trained through, or no-gradient targets
 # (image, text) batch keys of the passes whose forward is one pair: the transform makes only these and
 # forward encodes exactly these (the multimodal warmup on views and the unimodal passes use all four views)
 PASS_OUTPUTS = {"clip": ("image", "text_view2"), "clip_raw": ("raw_image", "raw_text"), "similarity": ("image", "text"),
@@ -342,6 +343,10 @@ class SafeClipConfig(FlagConfig):
                              "risky rows (unimodal loss), each row's raw-pair similarity taken in that forward before "
                              "the update and standardised within windows of steps (needs --safeclip-safe-input raw).",
                              choices=SIMILARITY_MODES)
+    risky_views: str = option("train", "In-loop mode: how the risky rows' view and EDA caption enter the unimodal loss. "
+                              "train: forwarded with gradient, as the pass mode's views; target: forwarded without "
+                              "gradient (a fixed target each raw pair is pulled towards, the other rows' raw pairs "
+                              "pushed away), which saves their backward (not in the original).", choices=RISKY_VIEWS)
     window_samples: int = option(2048, "In-loop similarities: standardise them within windows of at least this many "
                                  "samples (whole steps of the global batch), which removes the model's drift within "
                                  "an epoch.", metavar="N")
@@ -377,6 +382,10 @@ class SafeClipConfig(FlagConfig):
         if self.similarity == "inloop" and self.safe_input != "raw":
             problems.append("--safeclip-similarity inloop measures and trains the raw pairs: it needs "
                             "--safeclip-safe-input raw")
+        if self.risky_views != "train" and self.similarity != "inloop":
+            problems.append("--safeclip-risky-views applies to the in-loop pass only (--safeclip-similarity inloop)")
+        if self.risky_views not in RISKY_VIEWS:
+            problems.append(f"--safeclip-risky-views must be one of {RISKY_VIEWS}")
         if self.window_samples < 1:
             problems.append("--safeclip-window-samples must be >= 1")
         if self.similarity not in SIMILARITY_MODES or self.safe_input not in SAFE_INPUTS:
@@ -535,9 +544,19 @@ class SafeClip(Defense):
             n, device = len(batch["raw_image"]), batch["raw_image"].device
             has_view = batch["has_view"].to(torch.bool)  # a host tensor (HOST_KEYS): no device sync
             rows = has_view.nonzero().squeeze(1).to(device, non_blocking=True)
-            out = model(torch.cat([batch["raw_image"], batch["image_view2"].index_select(0, rows)]),
-                        torch.cat([batch["raw_text"], batch["text_view2"].index_select(0, rows)]))
-            image, text = out["image_features"], out["text_features"]
+            view_image, view_text = batch["image_view2"].index_select(0, rows), batch["text_view2"].index_select(0, rows)
+            if self.config.risky_views == "target":  # the views as fixed targets: a forward without autograd
+                out = model(batch["raw_image"], batch["raw_text"])
+                count = len(rows)
+                if count == 0:  # still one call (DDP syncs buffers in every forward: equal calls on every rank)
+                    view_image, view_text = batch["raw_image"][:1], batch["raw_text"][:1]
+                with torch.no_grad():
+                    views = model(view_image, view_text)
+                image = torch.cat([out["image_features"], views["image_features"][:count].to(out["image_features"].dtype)])
+                text = torch.cat([out["text_features"], views["text_features"][:count].to(out["text_features"].dtype)])
+            else:  # one model call: the views train with the raw pairs
+                out = model(torch.cat([batch["raw_image"], view_image]), torch.cat([batch["raw_text"], view_text]))
+                image, text = out["image_features"], out["text_features"]
             image_view = image.new_zeros(image[:n].shape).index_put((rows,), image[n:])  # views in their rows
             text_view = text.new_zeros(text[:n].shape).index_put((rows,), text[n:])
             return {"image_features": image[:n], "text_features": text[:n], "image_view2_features": image_view,
