@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     if kind in goals else "")
         print(f"  {kind:<17} {med:7.2f} s{extra}")
         print(f"  {'':<17} CPU {cpu_med:7.2f} s, ratio {cpu_ratio:.2f}{cpu_goal} (this process's CPU time: with "
-              f"--workers 0 all the work; the figure to judge on a shared machine, where wall time is not)")
+              f"--workers 0 all the work, with workers the training process alone (what a GPU run waits for); "
+              f"the figure to judge on a shared machine, where wall time is not)")
     return 0
 
 

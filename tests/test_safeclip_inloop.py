@@ -314,3 +314,19 @@ def test_inloop_runs_are_bit_identical_with_any_worker_count(csv_64, tmp_path, m
     assert steps0 == steps2  # exactly
     np.testing.assert_array_equal(table0["similarity"], table2["similarity"])
     np.testing.assert_array_equal(table0["safe"], table2["safe"])
+
+
+def test_step_cost_benchmark_prints_the_three_ratios(capsys):
+    """benchmarks/safeclip_step_cost.py runs end to end on a tiny batch and prints each kind's ratio to none."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import safeclip_step_cost
+
+    assert safeclip_step_cost.main(["--batch", "16", "--risky-share", "0.25", "--repeats", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "4 risky rows" in out
+    for kind in ("none", "inloop-train", "inloop-target"):
+        assert f"  {kind}" in out
+    assert "ratio to none 1.000" in out
