@@ -67,6 +67,9 @@ BENCH_ENTRIES: dict[str, BenchEntry] = {
     "none": BenchEntry("none"),
     "safeclip": BenchEntry("safeclip", _SAFECLIP_BENCH),
     "safeclip-inloop": BenchEntry("safeclip", (*_SAFECLIP_BENCH, "--safeclip-similarity", "inloop")),
+    # in-loop with the risky rows' views as no-gradient targets (opt-in: its efficacy is being measured)
+    "safeclip-inloop-target": BenchEntry("safeclip", (*_SAFECLIP_BENCH, "--safeclip-similarity", "inloop",
+                                                      "--safeclip-risky-views", "target")),
     "safeclip-views": BenchEntry("safeclip", preset_flags("safeclip-views-bench")),
     "cleanclip": BenchEntry("cleanclip", _CLEANCLIP_BENCH, finetunes=True),
     # the paper's control: the same finetuning with the CLIP loss alone (no self-supervised terms)

@@ -30,6 +30,8 @@ def test_the_benchmark_reads_its_recipes_from_the_presets():
     safeclip = config_to_argv("safeclip-bench")[2:]
     assert BENCH_ENTRIES["safeclip"].flags == tuple(safeclip)
     assert BENCH_ENTRIES["safeclip-inloop"].flags == (*safeclip, "--safeclip-similarity", "inloop")
+    assert BENCH_ENTRIES["safeclip-inloop-target"].flags == (*safeclip, "--safeclip-similarity", "inloop",
+                                                             "--safeclip-risky-views", "target")
     assert BENCH_ENTRIES["cleanclip"].flags == tuple(config_to_argv("cleanclip-bench")[2:])
     assert BENCH_ENTRIES["safeclip-views"].flags == tuple(config_to_argv("safeclip-views-bench")[2:])
 
