@@ -294,12 +294,12 @@ def test_inloop_similarity_on_webdataset(wds_4x16, tmp_path):
     assert np.isfinite(table["similarity"]).sum() == 64 and (table["similarity_window"] >= 0).sum() == 64
 
 
-@pytest.mark.usefixtures("wordnet")
-def test_two_ranks_make_identical_decisions(csv_64, tmp_path):
-    """Two gloo ranks: the engine's per-epoch hash check fails the run if the split differs across ranks."""
+def _two_rank_splits(csv_64, tmp_path, flags: list[str], **train_kwargs) -> list[dict]:
+    """Train 4 epochs on two gloo ranks; assert the run succeeded, the per-sample state matched on both ranks
+    every epoch and the splits for epochs 2 and 3 covered all 64 samples; return the splits."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "safe_train.main", *train_flags(csv_64, tmp_path, "ddp", epochs=4, batch_size=8, workers=2,
-                                                 extra=WARMUP + ["--safeclip-memory-bank", "8", "--dist-backend", "gloo"])]
+           "-m", "safe_train.main", *train_flags(csv_64, tmp_path, "ddp", epochs=4, batch_size=8,
+                                                 extra=flags + ["--dist-backend", "gloo"], **train_kwargs)]
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
     output = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "torch/_" not in line)
     assert proc.returncode == 0, output[-4000:]
@@ -307,9 +307,15 @@ def test_two_ranks_make_identical_decisions(csv_64, tmp_path):
     assert log.count("per-sample state identical on 2 ranks") == 4
     splits = _splits(tmp_path / "ddp")
     assert [s["epoch"] for s in splits] == [2, 3] and all(s["num_samples"] == 64 for s in splits)
+    return splits
+
+
+@pytest.mark.usefixtures("wordnet")
+def test_two_ranks_make_identical_decisions(csv_64, tmp_path):
+    """Two gloo ranks: the engine's per-epoch hash check fails the run if the split differs across ranks."""
+    splits = _two_rank_splits(csv_64, tmp_path, WARMUP + ["--safeclip-memory-bank", "8"], workers=2)
     table = load_table(tmp_path / "ddp", 4)
     assert table["safe"].sum() == splits[-1]["num_safe"]
-
 
 
 @pytest.mark.slow
@@ -317,18 +323,9 @@ def test_two_ranks_make_identical_decisions(csv_64, tmp_path):
 def test_two_ranks_inloop_with_view_targets_make_identical_decisions(csv_64, tmp_path):
     """``--safeclip-risky-views target`` makes two model calls per step (the second without autograd) on every
     rank, whatever its batch holds: DDP trains, the split is the same on both ranks, every sample is measured."""
-    flags = WARMUP + ["--safeclip-similarity", "inloop", "--safeclip-safe-input", "raw", "--safeclip-risky-views",
-                      "target", "--safeclip-window-samples", "16", "--safeclip-threshold", "0.3",
-                      "--dist-backend", "gloo"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "safe_train.main", *train_flags(csv_64, tmp_path, "ddp", epochs=4, batch_size=8, extra=flags)]
-    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
-    output = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "torch/_" not in line)
-    assert proc.returncode == 0, output[-4000:]
-    log = (tmp_path / "ddp" / "out.log").read_text()
-    assert log.count("per-sample state identical on 2 ranks") == 4
-    splits = _splits(tmp_path / "ddp")
-    assert [s["epoch"] for s in splits] == [2, 3] and all(s["num_samples"] == 64 for s in splits)
+    splits = _two_rank_splits(csv_64, tmp_path, WARMUP + [
+        "--safeclip-similarity", "inloop", "--safeclip-safe-input", "raw", "--safeclip-risky-views", "target",
+        "--safeclip-window-samples", "16", "--safeclip-threshold", "0.3"])
     assert 0 < splits[-1]["num_safe"] < 64
     table = load_table(tmp_path / "ddp", 4)
     assert np.isfinite(table["similarity"]).all() and table["safe"].sum() == splits[-1]["num_safe"]
