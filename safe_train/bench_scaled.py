@@ -98,8 +98,16 @@ SCENE_ATTACKS: dict[str, dict[str, Any]] = {
     "targeted": {},
 }
 SCALED_DEFENSES = ("none", "safeclip", "cleanclip", "cleanclip-clip-only")
+# Where the scene corpus's recipe differs from the small benchmark's preset, chosen on this benchmark's validation
+# split (benchmarks/RESULTS.md): one multimodal warm-up epoch instead of two for every SafeCLIP row. After two, the
+# first split admitted 56 of 200 BadNets poisons on validation seed 102 (and 169 / 117 on test seeds 1 / 2, which
+# then learnt the backdoor); after one, 9-11 (seed 102) and 1 (seed 101). Appended after the preset's flags.
+SCENE_RECIPE: dict[str, tuple[str, ...]] = {"safeclip": ("--safeclip-multimodal-warmup-epochs", "1")}
 # every row the scaled benchmark can run: the shared entries plus the cleaning rows only it knows how to run
-SCALED_ENTRIES: dict[str, BenchEntry] = {**BENCH_ENTRIES, **CLEANING_ENTRIES}
+SCALED_ENTRIES: dict[str, BenchEntry] = {
+    name: replace(entry, flags=(*entry.flags, *SCENE_RECIPE.get(entry.defense, ())))
+    for name, entry in {**BENCH_ENTRIES, **CLEANING_ENTRIES}.items()
+}
 DEFAULT_RATES = (0.0005, 0.001, 0.0025, 0.01)
 SPLIT_DIRS = {"validation": "val", "test": "test"}  # bench_stats' split names -> the corpus's
 # A seed builds the corpus (its training pairs) and the poison choice; the split only picks the held-out images.

@@ -165,6 +165,27 @@ def test_a_non_default_trigger_gets_cells_of_its_own():
     assert default.name == "wanet-rate0.01-none-seed0" and stronger.name == "wanet-strength3.0-rate0.01-none-seed0"
 
 
+def test_scene_safeclip_rows_warm_up_one_multimodal_epoch():
+    """The scene corpus's SafeCLIP recipe (chosen on its validation split) overrides the small benchmark's preset
+    for every SafeCLIP row, and for --row variants built on them; the small benchmark keeps the preset."""
+    from safe_train.args import build_parser
+    from safe_train.bench_runs import BENCH_ENTRIES, flag_value
+
+    key = "--safeclip-multimodal-warmup-epochs"
+    assert flag_value(BENCH_ENTRIES["safeclip"].flags, key) == "2"  # the small benchmark's preset
+    safeclip_rows = [n for n, e in bench_scaled.SCALED_ENTRIES.items() if e.defense == "safeclip"]
+    assert {"safeclip", "safeclip-inloop", "safeclip-inloop-target", "safeclip-views"} <= set(safeclip_rows)
+    for name in safeclip_rows:
+        assert flag_value(bench_scaled.SCALED_ENTRIES[name].flags, key) == "1", name
+    for name in ("none", "cleanclip", "roclip"):
+        assert bench_scaled.SCALED_ENTRIES[name].flags == BENCH_ENTRIES[name].flags
+    variant = bench_scaled.parse_rows(["cap85=safeclip-inloop:--safeclip-max-ratio 0.85"])["cap85"]
+    assert flag_value(variant.flags, key) == "1" and flag_value(variant.flags, "--safeclip-max-ratio") == "0.85"
+    # what the trainer parses from the row's flags: the scene recipe's value, not the preset's
+    args, _ = build_parser().parse_known_args(["--defense", "safeclip", *bench_scaled.SCALED_ENTRIES["safeclip"].flags])
+    assert args.safeclip_multimodal_warmup_epochs == 1
+
+
 def test_retrieval_pairs_have_distinct_captions():
     scenes = [("a.png", "a red one.", [1]), ("b.png", "a red one.", [1]), ("c.png", "a two.", [2]),
               ("d.png", "a three.", [3]), ("e.png", "a two.", [2])]
