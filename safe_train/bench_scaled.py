@@ -79,7 +79,7 @@ from safe_train.evaluate import (
     load_model,
 )
 from safe_train.manifest import Manifest
-from safe_train.poison import poison_dataset
+from safe_train.poison import clean_reference, poison_dataset
 from safe_train.scenes import DEFAULT_CANVAS, SceneCorpus, build_scene_corpus, check_build
 from safe_train.scenes import model_flags as scene_model_flags
 from safe_train.scenes import model_name as scene_model_name
@@ -151,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scaled benchmark (--scale tiny|medium|large)")
     g.add_argument("--poison-rates", default=None,
                    help="Comma-separated poison rates swept by the scaled benchmark "
-                        f"(default {','.join(map(str, DEFAULT_RATES))}).")
+                        f"(default {','.join(map(str, DEFAULT_RATES))}); 0 adds the clean reference, trained with "
+                        "no poison and measured with the trigger: the ASR floor a defense is judged against.")
     g.add_argument("--split", choices=tuple(SPLIT_DIRS), default="test",
                    help="Where the numbers come from: validation (choosing recipes and thresholds) or test "
                         "(final numbers only). Default: test.")
@@ -241,8 +242,8 @@ def _rates(text: str | None, flag: str = "--poison-rates") -> list[float]:
         rates = sorted({float(r) for r in text.split(",") if r.strip()})
     except ValueError as e:
         raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from e
-    if not rates or any(not 0 < r < 1 for r in rates):
-        raise ConfigError(f"{flag} must lie in (0, 1), got {text!r}")
+    if not rates or any(not 0 <= r < 1 for r in rates):
+        raise ConfigError(f"{flag} must lie in [0, 1) (0: the clean reference, no poisons), got {text!r}")
     return rates
 
 
@@ -398,6 +399,14 @@ def _poison(corpus: SceneCorpus, out: Path, attack: str, rate: float, seed: int,
     if (directory / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return directory, Manifest.load(directory / "manifest.json")
     shutil.rmtree(directory, ignore_errors=True)
+    if rate == 0:  # the clean reference: the ASR a model reaches with no poison at all (the floor for the defenses)
+        if targeted or train_format != "csv":
+            raise ConfigError("--poison-rates 0 (the clean reference) is for the trigger attacks on CSV data, not "
+                              f"{attack} on {train_format}")
+        manifest = clean_reference(source, directory, attack, target=TARGET, templates="mnist",
+                                   image_size=corpus.canvas, seed=seed, label_column="digits", **params)
+        stamp.write_text(digest + "\n")
+        return directory, manifest
     kwargs: dict[str, Any] = dict(rate=rate, templates="mnist", image_size=corpus.canvas, seed=seed,
                                   label_column="digits", **params)
     if targeted:
@@ -705,6 +714,9 @@ def run_scaled(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     if unknown:
         raise ConfigError(f"unknown attack/defense {unknown}; attacks: {sorted(SCENE_ATTACKS)}, "
                           f"defenses: {sorted(entries)}")
+    if 0 in rates and ("targeted" in attacks or spec.train_format != "csv"):  # checked before anything trains
+        raise ConfigError("--poison-rates 0 (the clean reference) is for the trigger attacks on CSV data: drop "
+                          "targeted from --attacks" + ("" if spec.train_format == "csv" else " and use --train-format csv"))
     cleaners = [d for d in defenses if entries[d].cleans]
     budget = parse_clean_budget(getattr(opts, "clean_budget", None))
     if budget is not None:

@@ -469,6 +469,54 @@ def poison_dataset(
         raise
 
 
+def clean_reference(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    attack: str,
+    *,
+    target: str | None = None,
+    templates: str = "openai",
+    image_size: int = 224,
+    seed: int = 0,
+    csv_img_key: str = "filepath",
+    csv_caption_key: str = "title",
+    csv_separator: str = "\t",
+    label_column: str | None = None,
+    classnames: str | Sequence[str] | None = None,
+    **attack_params: Any,
+) -> Manifest:
+    """An untouched copy of the CSV ``src`` in ``out_dir`` with a manifest that names ``attack``'s trigger and no
+    poisoned sample (``rate`` 0); same arguments as :func:`poison_dataset`.
+
+    Why: a model trained on it gives the ASR floor, the share of triggered non-target images classified as the
+    target with no poison at all (the model's own error into that class plus what the trigger's pixels move by
+    themselves), against which a defended model's ASR is judged. Trigger attacks on CSV data only: targeted
+    poisoning draws its targets while it poisons, and shards would be copied whole.
+    """
+    if attack == TARGETED:
+        raise PoisonError("a clean reference is for trigger attacks: targeted poisoning has no trigger to measure")
+    plan = _Plan(attack, target, templates, image_size, seed, attack_params, label_column, classnames)
+    src_path = Path(src)
+    if _is_webdataset(os.fspath(src)) or not src_path.is_file():
+        raise PoisonError(f"a clean reference copies a CSV file; {os.fspath(src)!r} is not one")
+    sep = "\t" if csv_separator == "\\t" else csv_separator
+    table = read_csv_table(src_path, sep)
+    for column in (csv_img_key, csv_caption_key, *([label_column] if label_column else [])):
+        table.column(column, str(src))  # a missing column is an error here, not at training time
+    out, created = _prepare_out_dir(out_dir)
+    try:
+        dst = out / CSV_NAME
+        shutil.copyfile(src_path, dst)
+        manifest = _manifest(plan, "csv", len(table.rows), [], [], str(src_path.resolve()), str(dst))
+        manifest.rate = 0.0
+        manifest.save(out / MANIFEST_NAME)
+        return manifest
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _manifest(
     plan: _Plan,
     fmt: str,

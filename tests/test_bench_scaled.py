@@ -80,9 +80,13 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "safe_train.bench", "--scale", "tiny", "--out", str(tmp_path),
                            "--poison-rates", "0.5,2"], cwd=REPO, env=base_env(), capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2 and "--poison-rates must lie in (0, 1)" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--poison-rates must lie in [0, 1)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    for extra, message in ((["--poison-rates", "0.5,2"], "--poison-rates must lie in (0, 1)"),
+    for extra, message in ((["--poison-rates", "0.5,2"], "--poison-rates must lie in [0, 1)"),
+                           (["--poison-rates", "-0.01"], "--poison-rates must lie in [0, 1)"),
+                           (["--poison-rates", "0,0.01", "--attacks", "badnets,targeted"],
+                            "--poison-rates 0 (the clean reference) is for the trigger attacks on CSV data: drop "
+                            "targeted from --attacks"),
                            (["--attacks", "nope"], "unknown attack/defense ['nope']"),
                            (["--poison-rates", "x"], "comma-separated numbers"),
                            (["--defenses", ""], "--defenses is empty"),

@@ -24,9 +24,9 @@ from safe_train.attacks import (
     resize_to_model,
     trigger_from_manifest,
 )
-from safe_train.errors import PoisonError, SafeTrainError
+from safe_train.errors import DataError, PoisonError, SafeTrainError
 from safe_train.manifest import Manifest
-from safe_train.poison import main, poison_dataset
+from safe_train.poison import clean_reference, main, poison_dataset
 from safe_train.sample_ids import webdataset_sample_id
 from safe_train.scenes import SceneCorpus, build_scene_corpus
 
@@ -454,6 +454,32 @@ def test_bad_input_is_a_poison_error(csv_data: Path, tmp_path: Path) -> None:
     with pytest.raises(PoisonError, match="count must be"):
         poison_dataset(csv_data, tmp_path / "o", "badnets", count=0)
     assert issubclass(PoisonError, SafeTrainError) and issubclass(PoisonError, ValueError)
+
+
+@pytest.mark.parametrize("attack", ["badnets", "sig"])
+def test_clean_reference_keeps_the_data_and_names_the_same_trigger(csv_data: Path, tmp_path: Path, attack: str):
+    """The ASR floor's training set: the CSV byte for byte, no poisoned id, and a manifest whose trigger stamps
+    exactly what the poisoned set's trigger stamps (same attack, parameters, size and seed)."""
+    kwargs = dict(target="zero", image_size=32, seed=3, label_column="label")
+    reference = clean_reference(csv_data, tmp_path / "ref", attack, **kwargs)
+    poisoned = poison_dataset(csv_data, tmp_path / "poisoned", attack, count=2, **kwargs)
+    assert (tmp_path / "ref" / "train.csv").read_bytes() == csv_data.read_bytes()
+    assert reference.poisoned_ids == [] and reference.samples == [] and reference.rate == 0.0
+    assert reference.num_samples == poisoned.num_samples and reference.params == poisoned.params
+    assert Manifest.load(tmp_path / "ref" / "manifest.json").poisoned_ids == []
+    image = Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3))
+    stamped = [np.asarray(trigger_from_manifest(m)(image)) for m in (reference, poisoned)]
+    assert np.array_equal(*stamped) and not np.array_equal(stamped[0], np.asarray(image))
+
+
+def test_clean_reference_refuses_what_it_cannot_copy(csv_data: Path, tmp_path: Path):
+    with pytest.raises(PoisonError, match="no trigger"):
+        clean_reference(csv_data, tmp_path / "a", "targeted")
+    with pytest.raises(PoisonError, match="copies a CSV file"):
+        clean_reference(tmp_path / "missing.csv", tmp_path / "b", "badnets")
+    with pytest.raises(DataError, match="no column 'digits'"):
+        clean_reference(csv_data, tmp_path / "c", "badnets", target="zero", label_column="digits")
+    assert not (tmp_path / "c").exists()  # nothing half-written
 
 
 class Darken(Trigger):
